@@ -1,0 +1,3 @@
+"""ladd: Latent Adversarial Diffusion Distillation of Z-Image."""
+
+__version__ = "0.1.0"
