@@ -1,0 +1,5 @@
+import sys
+
+from ladd.cli import main
+
+sys.exit(main())

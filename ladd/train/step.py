@@ -1,0 +1,244 @@
+"""One LADD step: the heart of `ladd`, to be read next to the blog's pseudo-code.
+
+    OFFLINE   x0 = teacher(prompt, 50 steps, CFG 5, output_type="latent")       (ladd precompute)
+
+    ONLINE, every step, per sample:
+      1. t ~ curriculum;  x_t = (1 − t)·x0 + t·ε                 student input, never pure noise at t < 1
+      2. v = student(x_t, t, c);  x̂0 = x_t − t·v                 velocity -> denoised latent
+      3. t̂ ~ logit-normal(m, s), shared by the pair
+         fake = (1 − t̂)·x̂0 + t̂·ε1;  real = (1 − t̂)·x0 + t̂·ε2    real = re-noised *teacher latent*, not noise
+      4. F_real = teacher_taps(real, t̂) (no grad);  F_fake = teacher_taps(fake, t̂)
+      5. D-step (every step):   d_loss(disc(F_real), disc(F_fake.detach())) -> disc update
+         G-step (every `gen_update_interval` steps, before the D-step): F_fake keeps a live graph through
+         the frozen teacher (weights requires_grad False, but not under no_grad); g_loss(disc(F_fake))
+         -> student update. The same F_fake (detached) then feeds the D-step: one fake teacher pass.
+
+`generator_step` and `discriminator_step` each own their optimizer, zero_grad, clipping and
+requires_grad handling; `ladd_step` composes them. A list of micro-batches is one optimizer step
+(gradient accumulation: each micro-batch's loss is scaled by 1/n and back-propagated at once, so only
+one micro-batch's graph is alive at a time).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from ladd import losses
+from ladd.config import MethodConfig
+from ladd.flow import interpolate, logit_normal, x0_from_velocity
+from ladd.models.discriminator import Discriminator
+from ladd.models.zimage import ZImageAdapter
+
+
+@dataclass
+class Batch:
+    """One micro-batch of precomputed teacher data."""
+
+    x0: Tensor  # (B, C, H, W) teacher latents (50 steps, CFG), float32
+    cap_feats: list[Tensor]  # B × (L_i, cap_feat_dim) caption features
+    text_cond: Tensor  # (B, text_dim) disc conditioning: pooled caption features or CLIP
+
+    def __len__(self) -> int:
+        return self.x0.shape[0]
+
+
+@dataclass
+class LaddModels:
+    student: ZImageAdapter  # trainable, initialised from the teacher
+    teacher: ZImageAdapter  # frozen: requires_grad False everywhere, eval mode
+    disc: Discriminator
+
+    def __post_init__(self):
+        self.teacher.eval().requires_grad_(False)
+
+
+@dataclass
+class DiscInputs:
+    """What the disc sees for one micro-batch: teacher taps of the re-noised real and fake latents."""
+
+    real: dict[int, Tensor]
+    fake: dict[int, Tensor]  # detached from the student
+    t_hat: Tensor  # (B,)
+    text_cond: Tensor
+
+
+@contextlib.contextmanager
+def frozen(module: nn.Module) -> Iterator[None]:
+    """Temporarily stop a module's parameters from collecting gradients.
+
+    Gradients still flow *through* it to its inputs (autograd only skips the weight grads), which is
+    what the G-step needs from the disc. Restores each parameter's previous flag.
+    """
+    flags = [(p, p.requires_grad) for p in module.parameters()]
+    for p, _ in flags:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+def trainable(module: nn.Module) -> list[nn.Parameter]:
+    return [p for p in module.parameters() if p.requires_grad]
+
+
+def apply_update(params: Sequence[Tensor], opt: torch.optim.Optimizer, max_norm: float) -> float:
+    """Clip (if max_norm > 0), step, and return the pre-clip global grad norm."""
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else math.inf)
+    opt.step()
+    return float(norm)
+
+
+def draw_noise(batch: Batch, step: int, cfg: MethodConfig, rng: torch.Generator):
+    """All randomness of one micro-batch, in a fixed order (exact resume relies on it)."""
+    x0 = batch.x0
+    B, device = len(batch), x0.device
+    t = cfg.curriculum().sample(step, B, generator=rng, device=device)
+    eps = torch.randn(x0.shape, generator=rng, device=device)
+    t_hat = logit_normal(B, cfg.renoise_m, cfg.renoise_s, generator=rng, device=device)
+    eps1 = torch.randn(x0.shape, generator=rng, device=device)
+    eps2 = torch.randn(x0.shape, generator=rng, device=device)
+    return t, eps, t_hat, eps1, eps2
+
+
+def student_x0(student: ZImageAdapter, batch: Batch, t: Tensor, eps: Tensor) -> Tensor:
+    """Steps 1-2: x_t = (1 − t)·x0 + t·ε, v = student(x_t, t), x̂0 = x_t − t·v."""
+    x_t = interpolate(batch.x0, eps, t)
+    v = student(x_t, t, batch.cap_feats).velocity
+    return x0_from_velocity(x_t, v, t)
+
+
+def teacher_taps(teacher: ZImageAdapter, x: Tensor, t_hat: Tensor, cap_feats, taps) -> dict[int, Tensor]:
+    """Teacher hidden states at the disc's layers; blocks after the deepest tap are skipped."""
+    return teacher(x, t_hat, cap_feats, taps=taps, velocity=False).feats
+
+
+def disc_inputs_no_grad(models: LaddModels, batch: Batch, step: int, cfg: MethodConfig, rng) -> DiscInputs:
+    """Steps 1-4 for a D-only step: no graph anywhere; real and fake share one teacher batch."""
+    t, eps, t_hat, eps1, eps2 = draw_noise(batch, step, cfg, rng)
+    with torch.no_grad():
+        x0_hat = student_x0(models.student, batch, t, eps)
+        fake = interpolate(x0_hat, eps1, t_hat)
+        real = interpolate(batch.x0, eps2, t_hat)
+        both = teacher_taps(
+            models.teacher,
+            torch.cat([real, fake]),
+            torch.cat([t_hat, t_hat]),
+            batch.cap_feats + batch.cap_feats,
+            models.disc.layers,
+        )
+    B = len(batch)
+    return DiscInputs(
+        real={k: f[:B] for k, f in both.items()},
+        fake={k: f[B:] for k, f in both.items()},
+        t_hat=t_hat,
+        text_cond=batch.text_cond,
+    )
+
+
+def generator_step(
+    models: LaddModels,
+    opt_g: torch.optim.Optimizer,
+    micro_batches: Sequence[Batch],
+    step: int,
+    cfg: MethodConfig,
+    rng: torch.Generator,
+) -> tuple[dict[str, float], list[DiscInputs]]:
+    """Update the student to fool the disc; return metrics and the (detached) inputs for the D-step.
+
+    The gradient path is student -> x̂0 -> fake -> frozen teacher (live graph) -> disc (frozen for
+    this step, so it collects no gradient) -> g_loss.
+    """
+    student, teacher, disc = models.student, models.teacher, models.disc
+    opt_g.zero_grad(set_to_none=True)
+    n = len(micro_batches)
+    out: list[DiscInputs] = []
+    t_total = 0.0
+    for batch in micro_batches:
+        t, eps, t_hat, eps1, eps2 = draw_noise(batch, step, cfg, rng)
+        x0_hat = student_x0(student, batch, t, eps)
+        fake = interpolate(x0_hat, eps1, t_hat)
+        with torch.no_grad():
+            real_feats = teacher_taps(teacher, interpolate(batch.x0, eps2, t_hat), t_hat, batch.cap_feats, disc.layers)
+        fake_feats = teacher_taps(teacher, fake, t_hat, batch.cap_feats, disc.layers)  # live graph
+        with frozen(disc):
+            fake_logits = disc(fake_feats, t_hat, batch.text_cond)
+            g_loss = losses.g_loss(fake_logits, cfg.loss, cfg.aggregate)
+            (g_loss / n).backward()
+        t_total += t.mean().item() / n
+        out.append(DiscInputs(real_feats, {k: f.detach() for k, f in fake_feats.items()}, t_hat, batch.text_cond))
+    grad_norm = apply_update(trainable(student), opt_g, cfg.grad_clip_g)
+    # g_loss itself is reported by the D-step, from the same fake logits under the same disc.
+    return {"student_grad_norm": grad_norm, "t_mean": t_total}, out
+
+
+def discriminator_step(
+    disc: Discriminator, opt_d: torch.optim.Optimizer, inputs: Sequence[DiscInputs], cfg: MethodConfig
+) -> dict[str, float]:
+    """Update the disc to tell re-noised teacher latents (real) from re-noised student ones (fake)."""
+    opt_d.zero_grad(set_to_none=True)
+    n = len(inputs)
+    reals, fakes, d_total, r1_total = [], [], 0.0, 0.0
+    for x in inputs:
+        real = x.real
+        if cfg.r1_weight > 0:
+            # R1 on exactly what the heads read: the re-noised real teacher features.
+            real = {k: f.detach().requires_grad_(True) for k, f in real.items()}
+        real_logits = disc(real, x.t_hat, x.text_cond)
+        fake_logits = disc(x.fake, x.t_hat, x.text_cond)
+        d_loss = losses.d_loss(real_logits, fake_logits, cfg.loss, cfg.aggregate)
+        loss = d_loss
+        if cfg.r1_weight > 0:
+            r1 = losses.r1_penalty(real_logits.sum(), list(real.values()))
+            loss = loss + cfg.r1_weight / 2 * r1
+            r1_total += r1.item() / n
+        (loss / n).backward()
+        d_total += d_loss.item() / n
+        reals.append(real_logits.detach())
+        fakes.append(fake_logits.detach())
+    grad_norm = apply_update(trainable(disc), opt_d, cfg.grad_clip_d)
+    real_logits, fake_logits = torch.cat(reals), torch.cat(fakes)
+    metrics = losses.disc_metrics(real_logits, fake_logits, disc.layers)
+    metrics.update(
+        d_loss=d_total,
+        # The generator's loss on this step's fakes under the pre-update disc (every step, for curves).
+        g_loss=losses.g_loss(fake_logits, cfg.loss, cfg.aggregate).item(),
+        disc_grad_norm=grad_norm,
+        t_hat_mean=torch.cat([x.t_hat for x in inputs]).mean().item(),
+    )
+    if cfg.r1_weight > 0:
+        metrics["r1"] = r1_total
+    return metrics
+
+
+def is_gen_step(step: int, cfg: MethodConfig) -> bool:
+    return step % cfg.gen_update_interval == 0
+
+
+def ladd_step(
+    models: LaddModels,
+    opt_g: torch.optim.Optimizer,
+    opt_d: torch.optim.Optimizer,
+    micro_batches: Sequence[Batch],
+    step: int,
+    cfg: MethodConfig,
+    rng: torch.Generator,
+) -> dict[str, float]:
+    """One optimizer step of LADD: a G-step every `gen_update_interval` steps, a D-step always."""
+    for batch in micro_batches:
+        cfg.check_micro_batch(len(batch))
+    metrics: dict[str, float] = {"gen_step": float(is_gen_step(step, cfg))}
+    if is_gen_step(step, cfg):
+        g_metrics, inputs = generator_step(models, opt_g, micro_batches, step, cfg, rng)
+        metrics.update(g_metrics)
+    else:
+        inputs = [disc_inputs_no_grad(models, b, step, cfg, rng) for b in micro_batches]
+    metrics.update(discriminator_step(models.disc, opt_d, inputs, cfg))
+    return metrics
