@@ -1,0 +1,166 @@
+"""The LADD step on the tiny pipeline: each of the public run's failures pinned by a named test."""
+
+import copy
+
+import pytest
+import torch
+
+from ladd.config import MethodConfig
+from ladd.flow import interpolate
+from ladd.models.discriminator import Discriminator
+from ladd.models.text import encode_prompts, pooled
+from ladd.models.tiny import build_tiny_pipeline
+from ladd.models.zimage import ZImageAdapter
+from ladd.train.step import (
+    Batch, LaddModels, discriminator_step, disc_inputs_no_grad, draw_noise, generator_step, ladd_step, trainable,
+)
+from tests.conftest import PROMPTS
+
+
+@pytest.fixture()
+def setup():
+    pipe = build_tiny_pipeline(seed=5)
+    torch.manual_seed(0)
+    teacher = ZImageAdapter(pipe.transformer)
+    student = ZImageAdapter(copy.deepcopy(pipe.transformer)).train()
+    disc = Discriminator(feature_dim=64, layers=[1, 3, 5], text_dim=32, hidden=64, cond_dim=64, num_teacher_layers=6)
+    with torch.no_grad():  # make the disc depend on its conditioning from the start
+        for head in disc.heads.values():
+            head.film[-1].weight.normal_(0, 0.02)
+    models = LaddModels(student, teacher, disc)
+    caps = encode_prompts(pipe, PROMPTS)
+    x0 = torch.randn(2, 16, 16, 16, generator=torch.Generator().manual_seed(1))
+    batch = Batch(x0, caps, pooled(caps))
+    opt_g = torch.optim.AdamW(trainable(student), lr=1e-3)
+    opt_d = torch.optim.AdamW(trainable(disc), lr=1e-3)
+    return models, batch, opt_g, opt_d
+
+
+class Spy:
+    """Records every call to an adapter: its inputs and whether a graph was being built."""
+
+    def __init__(self, adapter):
+        self.calls = []
+        self.handle = adapter.register_forward_pre_hook(self.record, with_kwargs=True)
+
+    def record(self, _module, args, kwargs):
+        x, sigma = args[0], args[1]
+        self.calls.append({"x": x.detach().clone(), "sigma": torch.as_tensor(sigma).clone(),
+                           "grad": torch.is_grad_enabled(), "taps": kwargs.get("taps", ())})
+
+
+def _snapshot(module):
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def _changed(before, module):
+    return any(not torch.equal(before[k], v) for k, v in module.state_dict().items())
+
+
+def test_student_input_is_interpolated_teacher_latent(setup):
+    """Regression (student fed pure noise): at t = 0.25 the input is 75 % teacher latent."""
+    models, batch, opt_g, opt_d = setup
+    cfg = MethodConfig(student_timesteps=(1.0, 0.75, 0.5, 0.25), student_timestep_probs=(0, 0, 0, 1.0))
+    spy = Spy(models.student)
+    rng = torch.Generator().manual_seed(7)
+    t, eps, *_ = draw_noise(batch, 0, cfg, torch.Generator().manual_seed(7))
+    generator_step(models, opt_g, [batch], 0, cfg, rng)
+    (call,) = spy.calls
+    assert torch.equal(t, torch.full((2,), 0.25))
+    torch.testing.assert_close(call["x"], 0.75 * batch.x0 + 0.25 * eps)
+    torch.testing.assert_close(call["sigma"], t)
+
+
+def test_real_samples_are_renoised_teacher_latents(setup):
+    """Regression ("real" = noise mixed with noise): real = (1 − t̂)·x0 + t̂·ε2, sharing t̂ with fake."""
+    models, batch, opt_g, opt_d = setup
+    cfg = MethodConfig()
+    spy = Spy(models.teacher)
+    _, _, t_hat, _, eps2 = draw_noise(batch, 1, cfg, torch.Generator().manual_seed(3))
+    disc_inputs_no_grad(models, batch, 1, cfg, torch.Generator().manual_seed(3))
+    (call,) = spy.calls  # D-only step: real and fake in one teacher batch
+    real = call["x"][:2]
+    torch.testing.assert_close(real, interpolate(batch.x0, eps2, t_hat))
+    torch.testing.assert_close(call["sigma"], torch.cat([t_hat, t_hat]))
+    # The teacher latent is really in there: remove it and only the noise part is left.
+    torch.testing.assert_close(real - (1 - t_hat).view(-1, 1, 1, 1) * batch.x0, t_hat.view(-1, 1, 1, 1) * eps2)
+
+
+def test_g_step_moves_only_the_student(setup):
+    """Gradients flow student -> frozen teacher -> disc; only the student is updated."""
+    models, batch, opt_g, opt_d = setup
+    before = {n: _snapshot(m) for n, m in (("student", models.student), ("teacher", models.teacher),
+                                           ("disc", models.disc))}
+    spy = Spy(models.teacher)
+    metrics, inputs = generator_step(models, opt_g, [batch], 0, MethodConfig(), torch.Generator().manual_seed(0))
+    grads = [p.grad for p in trainable(models.student)]
+    assert all(g is not None for g in grads)
+    total = torch.sqrt(sum(g.square().sum() for g in grads))
+    assert torch.isfinite(total) and total > 0 and metrics["student_grad_norm"] > 0
+    assert _changed(before["student"], models.student)
+    assert not _changed(before["teacher"], models.teacher)
+    assert not _changed(before["disc"], models.disc)
+    assert all(p.grad is None for p in models.disc.parameters())  # disc frozen for the G-step
+    assert all(p.grad is None and not p.requires_grad for p in models.teacher.parameters())
+    assert all(p.requires_grad for p in models.disc.parameters())  # restored afterwards
+    # One real pass without graph, one fake pass with a live graph; the fake features are reused.
+    assert [c["grad"] for c in spy.calls] == [False, True]
+    assert not any(f.requires_grad for f in inputs[0].fake.values())
+
+
+def test_d_only_step_builds_no_student_graph(setup):
+    models, batch, opt_g, opt_d = setup
+    before = _snapshot(models.student)
+    s_spy, t_spy = Spy(models.student), Spy(models.teacher)
+    metrics = ladd_step(models, opt_g, opt_d, [batch], 1, MethodConfig(), torch.Generator().manual_seed(0))
+    assert metrics["gen_step"] == 0.0
+    assert [c["grad"] for c in s_spy.calls] == [False]
+    assert len(t_spy.calls) == 1  # real and fake as one teacher batch
+    assert not _changed(before, models.student)
+    assert all(p.grad is None for p in trainable(models.student))
+
+
+def test_ladd_step_schedule_and_metrics(setup):
+    models, batch, opt_g, opt_d = setup
+    cfg = MethodConfig(gen_update_interval=3)
+    t_spy = Spy(models.teacher)
+    rng = torch.Generator().manual_seed(0)
+    gen = []
+    for step in range(6):
+        d_before = _snapshot(models.disc)
+        m = ladd_step(models, opt_g, opt_d, [batch], step, cfg, rng)
+        gen.append(m["gen_step"])
+        assert _changed(d_before, models.disc)  # the disc updates every step
+        for key in ("d_loss", "g_loss", "accuracy_real", "accuracy_fake", "logit_gap", "t_hat_mean",
+                    "disc_grad_norm", "layer_1_real", "layer_5_fake"):
+            assert key in m and torch.isfinite(torch.tensor(m[key]))
+    assert gen == [1.0, 0, 0, 1.0, 0, 0]
+    assert len(t_spy.calls) == 2 * 2 + 4 * 1  # G-steps: real + fake; D-only: one joint pass
+    assert all(c["taps"] == [1, 3, 5] or tuple(c["taps"]) == (1, 3, 5) for c in t_spy.calls)
+
+
+def test_d_step_moves_only_the_disc_and_r1(setup):
+    models, batch, opt_g, opt_d = setup
+    cfg = MethodConfig(r1_weight=1.0)
+    inputs = [disc_inputs_no_grad(models, batch, 1, cfg, torch.Generator().manual_seed(0))]
+    s_before, d_before = _snapshot(models.student), _snapshot(models.disc)
+    m = discriminator_step(models.disc, opt_d, inputs, cfg)
+    assert _changed(d_before, models.disc) and not _changed(s_before, models.student)
+    assert m["r1"] > 0 and m["disc_grad_norm"] > 0
+
+
+def test_micro_batch_of_one_refused_with_hinge(setup):
+    models, batch, opt_g, opt_d = setup
+    one = Batch(batch.x0[:1], batch.cap_feats[:1], batch.text_cond[:1])
+    with pytest.raises(ValueError, match="hinge loss with a per-rank micro-batch of 1 saturates"):
+        ladd_step(models, opt_g, opt_d, [one], 0, MethodConfig(), torch.Generator())
+    for cfg in (MethodConfig(allow_hinge_batch_of_one=True), MethodConfig(loss="nonsaturating")):
+        ladd_step(models, opt_g, opt_d, [one], 0, cfg, torch.Generator())
+
+
+def test_gradient_accumulation_runs_each_micro_batch(setup):
+    models, batch, opt_g, opt_d = setup
+    spy = Spy(models.student)
+    ladd_step(models, opt_g, opt_d, [batch, batch], 0, MethodConfig(), torch.Generator().manual_seed(0))
+    assert len(spy.calls) == 2 and opt_g.state  # one optimizer step after two micro-batches
+    assert all(len(s) and int(s["step"]) == 1 for s in opt_g.state.values())
