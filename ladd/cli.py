@@ -42,6 +42,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+# Modules that add their own sub-command: each exposes `add_parser(sub)` which registers a parser
+# whose default `func(args) -> int` runs it. Imported lazily inside `func`, so `ladd --help` is fast.
+COMMAND_MODULES: list[str] = []
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ladd", description="Latent Adversarial Diffusion Distillation of Z-Image")
     sub = parser.add_subparsers(dest="command", metavar="<command>")
@@ -57,7 +62,13 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=cmd_demo)
 
+    import importlib
+
+    for module in COMMAND_MODULES:
+        importlib.import_module(module).add_parser(sub)
     for name, (text, issue) in PLANNED.items():
+        if name in sub.choices:
+            continue
         p = sub.add_parser(name, help=f"{text} [coming: {issue} issue]")
         p.set_defaults(func=_planned(name, issue))
     return parser
