@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 # Commands whose issue has not landed yet: listed so `ladd --help` shows the whole tool, and each
@@ -44,7 +45,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 # Modules that add their own sub-command: each exposes `add_parser(sub)` which registers a parser
 # whose default `func(args) -> int` runs it. Imported lazily inside `func`, so `ladd --help` is fast.
-COMMAND_MODULES: list[str] = []
+COMMAND_MODULES: list[str] = ["ladd.data.precompute", "ladd.train.commands"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -90,7 +91,14 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if args.command is None else 2
     if extra and args.func.__name__ != "run":
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    return args.func(args)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as e:
+        # Bad input gets one line saying what is wrong; LADD_DEBUG=1 shows the traceback.
+        if os.environ.get("LADD_DEBUG"):
+            raise
+        print(f"ladd {args.command}: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

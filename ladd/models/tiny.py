@@ -73,10 +73,10 @@ def _bytes_to_unicode() -> dict[int, str]:
 def build_tokenizer(merges: list[str] | None = None) -> Qwen2Tokenizer:
     """A byte-level `Qwen2Tokenizer`: 256 byte tokens (+ merges) + Qwen's chat special tokens."""
     vocab = {ch: i for i, ch in enumerate(_bytes_to_unicode().values())}
-    merges = list(merges or [])
-    for merge in merges:
-        vocab.setdefault("".join(merge.split(" ")), len(vocab))
-    tokenizer = Qwen2Tokenizer(vocab=vocab, merges=merges)
+    pairs = [tuple(m.split(" ")) for m in merges or []]
+    for a, b in pairs:
+        vocab.setdefault(a + b, len(vocab))
+    tokenizer = Qwen2Tokenizer(vocab=vocab, merges=pairs)
     tokenizer.add_special_tokens({"additional_special_tokens": SPECIAL_TOKENS[1:]})
     tokenizer.chat_template = CHAT_TEMPLATE
     tokenizer.model_max_length = 512

@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 from ladd import losses
 from ladd.config import MethodConfig
+from ladd.distributed import set_gradient_sync
 from ladd.flow import interpolate, logit_normal, x0_from_velocity
 from ladd.models.discriminator import Discriminator
 from ladd.models.zimage import ZImageAdapter
@@ -90,10 +91,15 @@ def trainable(module: nn.Module) -> list[nn.Parameter]:
 
 
 def apply_update(params: Sequence[Tensor], opt: torch.optim.Optimizer, max_norm: float) -> float:
-    """Clip (if max_norm > 0), step, and return the pre-clip global grad norm."""
-    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else math.inf)
-    opt.step()
-    return float(norm)
+    """Clip (if max_norm > 0) and step; return the pre-clip global grad norm.
+
+    A non-finite norm skips the update: one bad batch must not write NaN into the weights. The norm
+    is global (reduced over ranks under FSDP), so every rank skips alike.
+    """
+    norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else math.inf))
+    if math.isfinite(norm):
+        opt.step()
+    return norm
 
 
 def draw_noise(batch: Batch, step: int, cfg: MethodConfig, rng: torch.Generator):
@@ -161,7 +167,8 @@ def generator_step(
     n = len(micro_batches)
     out: list[DiscInputs] = []
     t_total = 0.0
-    for batch in micro_batches:
+    for i, batch in enumerate(micro_batches):
+        set_gradient_sync(student, i == n - 1)  # reduce gradients once, after the last micro-batch
         t, eps, t_hat, eps1, eps2 = draw_noise(batch, step, cfg, rng)
         x0_hat = student_x0(student, batch, t, eps)
         fake = interpolate(x0_hat, eps1, t_hat)
@@ -186,7 +193,8 @@ def discriminator_step(
     opt_d.zero_grad(set_to_none=True)
     n = len(inputs)
     reals, fakes, d_total, r1_total = [], [], 0.0, 0.0
-    for x in inputs:
+    for i, x in enumerate(inputs):
+        set_gradient_sync(disc, i == n - 1)
         real = x.real
         if cfg.r1_weight > 0:
             # R1 on exactly what the heads read: the re-noised real teacher features.

@@ -1,0 +1,158 @@
+"""Everything distributed lives here: process group, FSDP2 wrapping, DCP checkpoints, agreement.
+
+Model code never imports torch.distributed; the trainer calls these helpers. The same code runs as
+one process on a CPU (world size 1: no process group, no wrapping) and under torchrun on many GPUs:
+
+    torchrun --nproc_per_node 8 -m ladd train --config configs/zimage-512-8gpu.toml
+
+Cross-rank invariants (each cost the blog's authors a hang):
+  * state-dict gathers and DCP saves are collectives: every rank calls them, rank 0 alone does file
+    bookkeeping afterwards;
+  * every stop / skip / rollback decision is reduced across ranks before anyone acts on it.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+@dataclass(frozen=True)
+class Dist:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def init() -> Dist:
+    """Read torchrun's environment; start the process group when there is more than one rank."""
+    rank = int(os.environ.get("RANK", 0))
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local)
+        device = torch.device("cuda", local)
+    else:
+        device = torch.device("cpu")
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return Dist(rank=rank, world_size=world, local_rank=local, device=device)
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def print0(*args, **kwargs) -> None:
+    """The one way rank-0 side effects reach the terminal."""
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(*args, **kwargs, flush=True)
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """True on every rank if it is true on any rank (stop and rollback decisions)."""
+    if not dist.is_initialized():
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
+def mean_over_ranks(values: dict[str, float], device: torch.device) -> dict[str, float]:
+    """Average scalar metrics across ranks (every rank gets the same numbers, so decisions agree)."""
+    if not dist.is_initialized() or not values:
+        return values
+    keys = sorted(values)
+    t = torch.tensor([float(values[k]) for k in keys], device=device, dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    t /= dist.get_world_size()
+    return dict(zip(keys, t.tolist()))
+
+
+def gather_tensor(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate equally shaped per-rank tensors along dim 0, in rank order, on every rank."""
+    if not dist.is_initialized():
+        return x
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts)
+
+
+def shard_adapter(adapter: nn.Module, mixed_bf16: bool) -> None:
+    """FSDP2: one unit per ZImageTransformerBlock (main and refiners), then the adapter as the root.
+
+    The adapter is the root because its forward calls the blocks directly; sharding it registers the
+    unshard hooks for the embedders and the final layer that live outside the blocks.
+    """
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if mixed_bf16 else None
+    kw = {"mp_policy": mp} if mp is not None else {}
+    tr = adapter.transformer
+    for block in [*tr.noise_refiner, *tr.context_refiner, *tr.layers]:
+        fully_shard(block, **kw)
+    fully_shard(adapter, **kw)
+
+
+def shard_module(module: nn.Module) -> None:
+    """FSDP2 on a small module (the disc): sharded params, gradients averaged across ranks."""
+    from torch.distributed.fsdp import fully_shard
+
+    fully_shard(module)
+
+
+def set_gradient_sync(module: nn.Module, enabled: bool) -> None:
+    """Skip the gradient reduce-scatter on intermediate micro-batches (a no-op without FSDP)."""
+    if hasattr(module, "set_requires_gradient_sync"):
+        module.set_requires_gradient_sync(enabled)
+
+
+# ----------------------------------------------------------------------------- checkpoints (DCP)
+
+
+def model_state(model: nn.Module, opt: torch.optim.Optimizer | None = None) -> dict:
+    """Sharded (FSDP) or plain model + optimizer state, keyed by parameter names. No full gather."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_sd, opt_sd = get_state_dict(model, optimizers=[opt] if opt is not None else [])
+    return {"model": model_sd, "optim": opt_sd} if opt is not None else {"model": model_sd}
+
+
+def load_model_state(model: nn.Module, opt: torch.optim.Optimizer | None, state: dict) -> None:
+    from torch.distributed.checkpoint.state_dict import set_state_dict
+
+    set_state_dict(model, optimizers=[opt] if opt is not None else [], model_state_dict=state["model"],
+                   optim_state_dict=state.get("optim", {}))
+
+
+def dcp_save(state: dict, path: str) -> None:
+    """Collective: every rank writes its shards into the folder `path`."""
+    import torch.distributed.checkpoint as dcp
+
+    dcp.save(state, checkpoint_id=path)
+
+
+def dcp_load(state: dict, path: str) -> None:
+    """Collective: fill `state` (its tensors give the target layout, sharded or not) from `path`."""
+    import torch.distributed.checkpoint as dcp
+
+    dcp.load(state, checkpoint_id=path)

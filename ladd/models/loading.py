@@ -1,0 +1,51 @@
+"""Finding and loading ZImagePipeline folders; "toy" names the embedded toy teacher."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+TOY_PIPELINE = Path(__file__).resolve().parents[2] / "assets" / "toy-zimage"
+
+
+class PipelineError(ValueError):
+    """A pipeline folder that cannot be used, in one line."""
+
+
+def resolve_pipeline(name: str | Path) -> Path:
+    """'toy' -> the committed toy teacher; anything else is a folder path. Checked, not loaded."""
+    path = TOY_PIPELINE if str(name) == "toy" else Path(name)
+    if str(name) == "toy" and not path.is_dir():
+        raise PipelineError(f"the toy teacher is missing at {path}; rebuild it with `ladd toy build --out {path}`")
+    check_pipeline_folder(path)
+    return path
+
+
+def check_pipeline_folder(path: str | Path) -> dict:
+    """The folder's model_index.json, or one line saying why this is not a ZImagePipeline folder."""
+    folder = Path(path)
+    if not folder.is_dir():
+        raise PipelineError(f"pipeline {path}: no such folder")
+    index = folder / "model_index.json"
+    if not index.is_file():
+        raise PipelineError(f"pipeline {path}: no model_index.json (not a diffusers pipeline folder)")
+    model_index = json.loads(index.read_text())
+    if model_index.get("_class_name") != "ZImagePipeline":
+        raise PipelineError(f"pipeline {path}: a {model_index.get('_class_name')}, not a ZImagePipeline")
+    for part in ("transformer", "vae", "text_encoder", "tokenizer", "scheduler"):
+        if not (folder / part).is_dir():
+            raise PipelineError(f"pipeline {path}: ZImagePipeline folder without its {part}/")
+    return model_index
+
+
+def load_pipeline(path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+    """ZImagePipeline.from_pretrained, offline-safe, frozen, on `device`, progress bars off."""
+    from diffusers import ZImagePipeline
+
+    pipe = ZImagePipeline.from_pretrained(str(resolve_pipeline(path)), torch_dtype=dtype)
+    pipe.set_progress_bar_config(disable=True)
+    for module in (pipe.transformer, pipe.vae, pipe.text_encoder):
+        module.requires_grad_(False).eval()
+    return pipe.to(device)

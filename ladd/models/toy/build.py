@@ -1,0 +1,243 @@
+"""Build the toy teacher: a small ZImagePipeline that has really learned the toy world.
+
+Stages (each timed, with a progress bar):
+  1. render a fixed training set of captioned scenes (`ladd.models.toy.world`, train split only);
+  2. train a small 16-channel `AutoencoderKL` on it (reconstruction + a light KL), then set its
+     `shift_factor` / `scaling_factor` from the latents' mean and std, as Z-Image's VAE has them;
+  3. a tiny frozen `Qwen3Model` text encoder with a byte-level tokenizer whose BPE merges make every
+     world word one token (random features of whole words condition well; of bytes, poorly);
+  4. train a `ZImageTransformer2DModel` by flow matching *through the adapter* (LADD convention:
+     target v = ε − x0), with caption dropout to the empty prompt so CFG works;
+  5. save a `ZImagePipeline` folder (safetensors) plus `build.json` (config, losses, PSNR, seconds).
+
+    ladd toy build --out assets/toy-zimage            # ~25 min on 2 CPU cores
+    ladd toy build --out /tmp/toy --quick             # a 1-minute smoke build
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from ladd.flow import interpolate, velocity_target
+from ladd.models.text import encode_prompts
+from ladd.models.tiny import TinyConfig, build_text_encoder, build_tokenizer, build_transformer, build_vae
+from ladd.models.toy import world
+from ladd.models.zimage import ZImageAdapter
+
+
+@dataclass(kw_only=True)
+class ToyBuildConfig:
+    seed: int = 0
+    threads: int = 2
+    image_size: int = 64
+    max_objects: int = 3
+    n_images: int = 16384  # fixed training set (train-split captions only)
+    # VAE: three levels -> downsampling factor 4 -> 16×16×16 latents -> 8×8 image tokens
+    vae_channels: tuple[int, ...] = (16, 32, 32)
+    vae_steps: int = 1500
+    vae_batch: int = 32
+    vae_lr: float = 1e-3
+    vae_kl: float = 1e-6
+    vae_crop: int = 32  # the VAE is convolutional: train on crops, 4× cheaper than whole images
+    # transformer
+    dim: int = 128
+    n_layers: int = 6
+    n_heads: int = 4
+    axes_dims: tuple[int, int, int] = (8, 12, 12)
+    text_hidden: int = 64
+    steps: int = 6000
+    batch: int = 32
+    lr: float = 5e-4
+    warmup: int = 200
+    caption_dropout: float = 0.1
+    ema: float = 0.999
+
+    def tiny(self) -> TinyConfig:
+        return TinyConfig(
+            seed=self.seed, image_size=self.image_size, vae_channels=self.vae_channels,
+            dim=self.dim, n_layers=self.n_layers, n_heads=self.n_heads, axes_dims=self.axes_dims,
+            text_hidden=self.text_hidden, text_intermediate=2 * self.text_hidden, merges=word_merges(),
+        )
+
+
+QUICK = dict(n_images=512, vae_steps=30, steps=30, warmup=5)
+
+
+def word_merges() -> list[str]:
+    """BPE merges that make each toy-world word one token.
+
+    Inside a caption every word follows a space, so each gets the chain Ġw1, Ġw1w2, ... (Ġ is the
+    byte-level symbol for a space); every such merge extends a Ġ-token, so no two words' merges can
+    interleave. The caption-initial "an" is merged last, after every chain that contains "a n".
+    """
+    words = {"a", "an", "on", "and", "background"} | set(world.BACKGROUNDS) | set(world.SHAPES)
+    words |= {p for p in world.PATTERNS if p != "solid"}
+    merges: list[str] = []
+    for word in sorted(words):
+        w = "Ġ" + word
+        for i in range(2, len(w) + 1):
+            pair = f"{w[: i - 1]} {w[i - 1]}"
+            if pair not in merges:
+                merges.append(pair)
+    return merges + ["a n"]
+
+
+def _to_tensor(images: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)  # [-1, 1]
+
+
+def train_vae(vae, images: np.ndarray, cfg: ToyBuildConfig, gen: torch.Generator) -> dict:
+    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
+    vae.train()
+    bar = tqdm(range(cfg.vae_steps), desc="vae", unit="step")
+    for step in bar:
+        idx = torch.randint(len(images), (cfg.vae_batch,), generator=gen)
+        x = _to_tensor(images[idx.numpy()])
+        if cfg.vae_crop < x.shape[-1]:
+            i, j = (torch.randint(0, (x.shape[-1] - cfg.vae_crop) // 4 + 1, (2,), generator=gen) * 4).tolist()
+            x = x[:, :, i : i + cfg.vae_crop, j : j + cfg.vae_crop]
+        post = vae.encode(x).latent_dist
+        z = post.mean + post.std * torch.randn(post.mean.shape, generator=gen)
+        recon = vae.decode(z).sample
+        rec = F.mse_loss(recon, x)
+        kl = post.kl().mean() / x[0].numel()
+        loss = rec + cfg.vae_kl * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        for group in opt.param_groups:  # cosine decay: the last steps sharpen fine stripes
+            group["lr"] = cfg.vae_lr * 0.5 * (1 + math.cos(math.pi * step / cfg.vae_steps))
+        opt.step()
+        bar.set_postfix(mse=f"{rec.item():.4f}")
+    vae.eval()
+    return {"vae_final_mse": rec.item()}
+
+
+@torch.no_grad()
+def encode_images(vae, images: np.ndarray, batch: int = 256) -> torch.Tensor:
+    """Posterior means (un-normalised latents) of all images."""
+    out = [vae.encode(_to_tensor(images[i : i + batch])).latent_dist.mean for i in range(0, len(images), batch)]
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def psnr(vae, images: np.ndarray) -> float:
+    x = _to_tensor(images)
+    recon = vae.decode(vae.encode(x).latent_dist.mean).sample.clamp(-1, 1)
+    mse = F.mse_loss((recon + 1) / 2, (x + 1) / 2).item()
+    return 10 * math.log10(1.0 / mse)
+
+
+def train_transformer(
+    adapter: ZImageAdapter, latents: torch.Tensor, caps: list[torch.Tensor], empty: torch.Tensor,
+    cfg: ToyBuildConfig, gen: torch.Generator,
+) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Flow matching through the adapter: x_σ = (1 − σ)x0 + σε, loss ‖v_θ(x_σ, σ, c) − (ε − x0)‖²."""
+    params = [p for p in adapter.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.01, betas=(0.9, 0.99))
+    ema = {k: v.detach().clone() for k, v in adapter.transformer.state_dict().items()}
+    adapter.train()
+    losses = []
+    bar = tqdm(range(cfg.steps), desc="teacher", unit="step")
+    for step in bar:
+        idx = torch.randint(len(latents), (cfg.batch,), generator=gen)
+        x0 = latents[idx]
+        eps = torch.randn(x0.shape, generator=gen)
+        # σ ~ logit-normal(0, 1) like SD3 / Z-Image training, plus 10 % uniform for the ends.
+        sigma = torch.sigmoid(torch.randn(cfg.batch, generator=gen))
+        uniform = torch.rand(cfg.batch, generator=gen)
+        sigma = torch.where(torch.rand(cfg.batch, generator=gen) < 0.1, uniform, sigma)
+        drop = torch.rand(cfg.batch, generator=gen) < cfg.caption_dropout
+        batch_caps = [empty if d else caps[i] for i, d in zip(idx.tolist(), drop.tolist())]
+        v = adapter(interpolate(x0, eps, sigma), sigma, batch_caps).velocity
+        loss = F.mse_loss(v, velocity_target(x0, eps))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup) * 0.5 * (1 + math.cos(math.pi * step / cfg.steps))
+        for group in opt.param_groups:
+            group["lr"] = lr
+        opt.step()
+        with torch.no_grad():
+            decay = min(cfg.ema, (1 + step) / (10 + step))
+            for k, v_ in adapter.transformer.state_dict().items():
+                ema[k].lerp_(v_, 1 - decay) if v_.is_floating_point() else ema[k].copy_(v_)
+        losses.append(loss.item())
+        if step % 20 == 0:
+            bar.set_postfix(loss=f"{np.mean(losses[-100:]):.4f}")
+    return {"teacher_final_loss": float(np.mean(losses[-200:]))}, ema
+
+
+def build_toy(out: str | Path, cfg: ToyBuildConfig | None = None) -> dict:
+    """Train and save the toy teacher pipeline; returns the build report (also in build.json)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, ZImagePipeline
+
+    cfg = cfg or ToyBuildConfig()
+    torch.set_num_threads(cfg.threads)
+    out = Path(out)
+    report: dict = {"config": asdict(cfg), "seconds": {}}
+    tiny = cfg.tiny()
+    gen = torch.Generator().manual_seed(cfg.seed)
+    t0 = time.perf_counter()
+
+    images, captions = world.make_batch(cfg.n_images, seed=cfg.seed, size=cfg.image_size, max_objects=cfg.max_objects)
+    report["seconds"]["render"] = time.perf_counter() - t0
+
+    t = time.perf_counter()
+    torch.manual_seed(cfg.seed + 1)
+    vae = build_vae(tiny)
+    report.update(train_vae(vae, images, cfg, gen))
+    raw = encode_images(vae, images)
+    shift, scale = raw.mean().item(), 1.0 / raw.std().item()
+    vae.register_to_config(shift_factor=shift, scaling_factor=scale)
+    latents = (raw - shift) * scale  # what the pipeline's transformer sees
+    report["vae_psnr_db"] = psnr(vae, images[:256])
+    report["vae_shift_factor"], report["vae_scaling_factor"] = shift, scale
+    report["seconds"]["vae"] = time.perf_counter() - t
+    print(f"vae: PSNR {report['vae_psnr_db']:.1f} dB on training images; shift {shift:.4f} scale {scale:.4f}")
+
+    t = time.perf_counter()
+    tokenizer = build_tokenizer(tiny.merges)
+    torch.manual_seed(cfg.seed)
+    text_encoder = build_text_encoder(tiny, vocab_size=len(tokenizer))
+    torch.manual_seed(cfg.seed + 2)
+    transformer = build_transformer(tiny)
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=tiny.shift)
+    pipe = ZImagePipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                          transformer=transformer)
+    unique = sorted(set(captions))
+    feats = dict(zip(unique, encode_prompts(pipe, unique)))
+    caps = [feats[c] for c in captions]
+    empty = encode_prompts(pipe, [""])[0]
+    report["unique_captions"] = len(unique)
+    report["seconds"]["text"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    stats, ema = train_transformer(ZImageAdapter(transformer), latents, caps, empty, cfg, gen)
+    transformer.load_state_dict(ema)
+    transformer.eval()
+    report.update(stats)
+    report["seconds"]["teacher"] = time.perf_counter() - t
+
+    pipe.save_pretrained(out, safe_serialization=True)
+    report["seconds"]["total"] = time.perf_counter() - t0
+    report["parameters"] = {
+        "transformer": sum(p.numel() for p in transformer.parameters()),
+        "vae": sum(p.numel() for p in vae.parameters()),
+        "text_encoder": sum(p.numel() for p in text_encoder.parameters()),
+    }
+    (out / "build.json").write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {out} in {report['seconds']['total'] / 60:.1f} min")
+    return report
+
+
+def quick_config(**overrides) -> ToyBuildConfig:
+    return replace(ToyBuildConfig(**QUICK), **overrides)

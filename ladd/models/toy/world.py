@@ -1,0 +1,370 @@
+"""The toy world: procedural captioned images for training a tiny text-to-image model on CPU.
+
+A scene is a background colour and 1..3 flat objects (colour, shape, pattern, size, position). The
+world is small enough that a tiny diffusion model learns it in minutes, and its striped and dotted
+patterns are fine (2-pixel) structure that few-step sampling tends to lose. Everything is seeded:
+
+    rng = np.random.default_rng(0)
+    scene = sample_scene(rng)
+    image = render(scene)                      # (64, 64, 3) uint8
+    text = caption(scene)                      # "an orange striped circle on a gray background"
+    parse_caption(text) == spec_of(scene)      # True: the grammar round-trips
+    images, captions = make_batch(256, seed=1) # training captions only (split="train")
+    eval_prompts = prompts(64, "eval")         # captions that never occur in the train split
+
+Writes the sample grid of docs/toy-world.md and prints the rendering speed:
+
+    python -m ladd.models.toy.world --grid docs/img/toy-world-samples.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import re
+import time
+import zlib
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import numpy as np
+
+# Palette: RGB values spread so that the closest pair (yellow/orange) is still ~90 RGB units apart,
+# far beyond the jitter (+-4) and the noise a decoded image carries (sigma ~8 per channel).
+PALETTE: dict[str, tuple[int, int, int]] = {
+    "red": (215, 30, 30),
+    "green": (30, 165, 60),
+    "blue": (35, 80, 225),
+    "yellow": (245, 220, 40),
+    "purple": (150, 50, 200),
+    "orange": (250, 130, 20),
+    "white": (245, 245, 245),
+    "black": (20, 20, 20),
+    "gray": (128, 128, 128),
+}
+OBJECT_COLOURS = ("red", "green", "blue", "yellow", "purple", "orange")
+BACKGROUNDS = OBJECT_COLOURS + ("white", "black", "gray")
+SHAPES = ("circle", "square", "triangle")
+PATTERNS = ("solid", "striped", "dotted")  # "solid" is never written in captions
+# Every token a caption can contain (the comma separates the first objects of a three-object list).
+CAPTION_WORDS = ("a", "an", "on", "and", "background", ",") + BACKGROUNDS + SHAPES + PATTERNS[1:]
+
+# Geometry as fractions of the image side, so a scene renders at any size. Pixels quoted at 64 px.
+DIAMETER_RANGE = (0.2, 0.4)  # bounding-box side of an object: 12.8 .. 25.6 px
+PATTERN_MIN_DIAMETER = 0.28  # striped/dotted objects are >= 18 px, so they show >= 3 bands or dots
+EDGE_MARGIN = 0.05  # objects stay >= 3.2 px from the border, which fidelity reads as background
+MIN_GAP = 0.08  # >= 5 px between bounding circles, so blurred objects never merge into one blob
+MIN_DX = 0.06  # >= 4 px between centres in x, so "left to right" is unambiguous
+# Patterns, in pixels at 64 px (scaled with the size). They are holes of background colour cut
+# into the object, kept inside a solid rim so the object stays one connected, legible shape.
+# Stripes and dots share one period: fidelity.py reads patterns at exactly that frequency.
+RIM_PX = 1.5
+PATTERN_PERIOD_PX = 5.0
+STRIPE_GAP_PX = 2.0  # horizontal bands: 3 px ink, 2 px gap
+DOT_RADIUS_PX = 1.25  # a square lattice of 2.5 px holes
+EVAL_PERCENT = 10  # share of the caption space held out for evaluation prompts
+
+
+@dataclass(frozen=True, slots=True)
+class SceneObject:
+    colour: str
+    shape: str
+    pattern: str
+    x: float  # centre, fraction of the image width
+    y: float  # centre, fraction of the image height
+    diameter: float  # bounding-box side, fraction of the image side
+    rgb: tuple[int, int, int]  # palette colour plus this object's jitter
+
+
+@dataclass(frozen=True, slots=True)
+class Scene:
+    background: str
+    bg_rgb: tuple[int, int, int]
+    objects: tuple[SceneObject, ...]  # sorted left to right by x, the caption's order
+
+
+class CaptionSpec(NamedTuple):
+    """What a caption pins down: the background and (colour, pattern, shape) left to right."""
+
+    background: str
+    objects: tuple[tuple[str, str, str], ...]
+
+
+# ----------------------------------------------------------------------------- sampling
+
+
+def _bounding_radius(shape: str, diameter: float) -> float:
+    # circumscribed circle around the bounding-box centre: squares and triangles reach the corners
+    return diameter / 2 * (1.0 if shape == "circle" else math.sqrt(2))
+
+
+def _jitter(rng: np.random.Generator, name: str, jitter: int) -> tuple[int, int, int]:
+    offsets = rng.integers(-jitter, jitter + 1, size=3)
+    return tuple(min(max(c + int(o), 0), 255) for c, o in zip(PALETTE[name], offsets))
+
+
+def _place(rng, shapes, diameter_ranges, tries=64):
+    """Rejection-sample (x, y, diameter) per object; None when the objects do not fit.
+
+    All `tries` candidates for an object are drawn at once and the first that keeps its distance
+    from the objects already placed wins: vectorised, because sampling must keep up with rendering.
+    """
+    placed: list[tuple[float, float, float, float]] = []  # x, y, diameter, bounding radius
+    for shape, (lo, hi) in zip(shapes, diameter_ranges):
+        d = rng.uniform(lo, hi, size=tries)
+        half = d / 2 + EDGE_MARGIN
+        x, y = half + (1 - 2 * half) * rng.random((2, tries))
+        rho = _bounding_radius(shape, d)
+        ok = np.ones(tries, bool)
+        for px, py, _, prho in placed:
+            ok &= (np.hypot(x - px, y - py) >= rho + prho + MIN_GAP) & (np.abs(x - px) >= MIN_DX)
+        if not ok.any():
+            return None
+        i = int(ok.argmax())
+        placed.append((float(x[i]), float(y[i]), float(d[i]), float(rho[i])))
+    return [p[:3] for p in placed]
+
+
+def sample_scene(
+    rng: np.random.Generator,
+    max_objects: int = 3,
+    patterns: bool = True,
+    *,
+    min_objects: int = 1,
+    pattern_prob: float = 0.4,
+    diameter_range: tuple[float, float] = DIAMETER_RANGE,
+    jitter: int = 4,
+) -> Scene:
+    """One random scene. Knobs make the world easier: fewer objects, no patterns, bigger objects.
+
+    The object count is uniform in [min_objects, max_objects]; each object is patterned with
+    probability `pattern_prob` (striped or dotted, equally likely) when `patterns` is True. Object
+    colours differ from the background, and no two objects share both colour and shape, so every
+    object the caption names is a distinct thing in the image.
+    """
+    if not 1 <= min_objects <= max_objects <= 5 * len(SHAPES):  # 5 colours x 3 shapes are distinct
+        raise ValueError(f"need 1 <= min_objects <= max_objects <= 15, got {min_objects}, {max_objects}")
+    if not 0 < diameter_range[0] <= diameter_range[1] <= 1 - 2 * EDGE_MARGIN:
+        raise ValueError(f"diameter_range must satisfy 0 < lo <= hi <= 0.9, got {diameter_range}")
+    background = BACKGROUNDS[rng.integers(len(BACKGROUNDS))]
+    n = int(rng.integers(min_objects, max_objects + 1))
+    colours = [c for c in OBJECT_COLOURS if c != background]
+    kinds: list[tuple[str, str, str]] = []
+    while len(kinds) < n:
+        colour, shape = colours[rng.integers(len(colours))], SHAPES[rng.integers(len(SHAPES))]
+        if any((colour, shape) == (c, s) for c, _, s in kinds):
+            continue
+        pattern = "solid"
+        if patterns and rng.random() < pattern_prob:
+            pattern = PATTERNS[1 + rng.integers(2)]
+        kinds.append((colour, pattern, shape))
+    # Patterned objects never go below PATTERN_MIN_DIAMETER, so even a small one shows a few stripes
+    # or dots. Three big objects may not fit: after every 4 failed placements shrink the sizes by
+    # 10%, patterned ones no further than that floor (three of those always fit).
+    lo, hi = diameter_range
+    floors = [0.0 if p == "solid" else min(PATTERN_MIN_DIAMETER, hi) for _, p, _ in kinds]
+    ranges = [(max(lo, f), hi) for f in floors]
+    attempt = 0
+    while (placed := _place(rng, [s for _, _, s in kinds], ranges)) is None:
+        attempt += 1
+        if attempt > 400:  # reachable only with 5 or more objects (the floors no longer fit)
+            raise RuntimeError(f"cannot place {len(kinds)} objects without overlap; lower max_objects")
+        if attempt % 4 == 0:
+            ranges = [(max(a * 0.9, f), max(b * 0.9, f)) for (a, b), f in zip(ranges, floors)]
+    objects = [
+        SceneObject(c, s, p, x, y, d, _jitter(rng, c, jitter)) for (c, p, s), (x, y, d) in zip(kinds, placed)
+    ]
+    objects.sort(key=lambda o: o.x)
+    return Scene(background, _jitter(rng, background, jitter), tuple(objects))
+
+
+# ----------------------------------------------------------------------------- rendering
+
+
+def _sdf(shape: str, u: np.ndarray, v: np.ndarray, r: float) -> np.ndarray:
+    """Distance inside the shape's edge (> 0 inside), in pixels; (u, v) relative to the bbox centre."""
+    if shape == "circle":
+        return r - np.sqrt(u * u + v * v)
+    if shape == "square":
+        return r - np.maximum(np.abs(u), np.abs(v))
+    # Apex at the top (v = -r), base at the bottom (v = +r): |u| <= (v + r) / 2 inside.
+    return np.minimum(r - v, (v + r - 2 * np.abs(u)) / math.sqrt(5))
+
+
+def _holes(pattern: str, shape: str, u, v, r, sdf, scale) -> np.ndarray:
+    """Where the pattern cuts background-coloured holes; never in the solid rim."""
+    rim = RIM_PX * scale
+    if pattern == "striped":
+        period, gap = PATTERN_PERIOD_PX * scale, STRIPE_GAP_PX * scale
+        # bands anchored at the object's top so the top edge always starts with ink
+        return ((v + r) % period >= period - gap) & (sdf > rim)
+    period, radius = PATTERN_PERIOD_PX * scale, DOT_RADIUS_PX * scale
+    lu, lv = period * np.round(u / period), period * np.round(v / period)
+    near = (u - lu) ** 2 + (v - lv) ** 2 < radius * radius
+    # a dot is cut only where it fits whole inside the rim, so the outline stays clean
+    return near & (_sdf(shape, lu, lv, r) > radius + rim)
+
+
+def render(scene: Scene, size: int = 64, supersample: int = 4) -> np.ndarray:
+    """Rasterise a scene to (size, size, 3) uint8, anti-aliased by `supersample`^2 samples a pixel.
+
+    Each object's coverage is computed on a supersampled grid over its bounding box only and
+    box-filtered down to an alpha map, then blended over the background: the same result as
+    rendering the whole image at 4x and downsampling, at a fraction of the cost.
+    """
+    img = np.empty((size, size, 3), np.float32)
+    img[:] = scene.bg_rgb
+    scale = size / 64
+    sub = (np.arange(supersample, dtype=np.float32) + 0.5) / supersample  # sample offsets in a pixel
+    for obj in scene.objects:
+        cx, cy, r = obj.x * size, obj.y * size, obj.diameter * size / 2
+        x0, x1 = max(int(cx - r) - 1, 0), min(int(math.ceil(cx + r)) + 1, size)
+        y0, y1 = max(int(cy - r) - 1, 0), min(int(math.ceil(cy + r)) + 1, size)
+        u = (np.arange(x0, x1, dtype=np.float32)[:, None] + sub).reshape(1, -1) - cx
+        v = (np.arange(y0, y1, dtype=np.float32)[:, None] + sub).reshape(-1, 1) - cy
+        sdf = _sdf(obj.shape, u, v, r)
+        inside = sdf >= 0
+        if obj.pattern != "solid":
+            inside &= ~_holes(obj.pattern, obj.shape, u, v, r, sdf, scale)
+        alpha = inside.reshape(y1 - y0, supersample, x1 - x0, supersample).mean(axis=(1, 3), dtype=np.float32)
+        patch = img[y0:y1, x0:x1]
+        patch += alpha[:, :, None] * (np.asarray(obj.rgb, np.float32) - patch)
+    return (img + 0.5).astype(np.uint8)
+
+
+# ----------------------------------------------------------------------------- captions
+
+
+def _article(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
+
+
+def _phrase(colour: str, pattern: str, shape: str) -> str:
+    words = [colour] + ([pattern] if pattern != "solid" else []) + [shape]
+    return f"{_article(colour)} {' '.join(words)}"
+
+
+def spec_of(scene: Scene) -> CaptionSpec:
+    """The part of a scene a caption describes, objects ordered left to right."""
+    objects = sorted(scene.objects, key=lambda o: o.x)
+    return CaptionSpec(scene.background, tuple((o.colour, o.pattern, o.shape) for o in objects))
+
+
+def caption(scene: Scene | CaptionSpec) -> str:
+    """'a red circle, a blue dotted square and an orange triangle on a gray background'."""
+    spec = spec_of(scene) if isinstance(scene, Scene) else scene
+    phrases = [_phrase(*o) for o in spec.objects]
+    listed = phrases[0] if len(phrases) == 1 else ", ".join(phrases[:-1]) + " and " + phrases[-1]
+    return f"{listed} on {_article(spec.background)} {spec.background} background"
+
+
+_OBJECT_RE = re.compile(
+    rf"(a|an) ({'|'.join(OBJECT_COLOURS)})(?: (striped|dotted))? ({'|'.join(SHAPES)})"
+)
+_CAPTION_RE = re.compile(rf"(.+) on (a|an) ({'|'.join(BACKGROUNDS)}) background")
+
+
+def parse_caption(text: str) -> CaptionSpec:
+    """Invert `caption`; raise ValueError for anything outside the grammar, articles included."""
+    m = _CAPTION_RE.fullmatch(text)
+    if m is None:
+        raise ValueError(f"not a toy-world caption (want '<objects> on a/an <colour> background'): {text!r}")
+    listed, article, background = m.groups()
+    if article != _article(background):
+        raise ValueError(f"wrong article {article!r} before {background!r} in {text!r}")
+    head, _, last = listed.rpartition(" and ")
+    phrases = (head.split(", ") if head else []) + [last]
+    objects = []
+    for phrase in phrases:
+        om = _OBJECT_RE.fullmatch(phrase)
+        if om is None:
+            raise ValueError(
+                f"object phrase {phrase!r} is outside the grammar 'a/an <colour> [striped|dotted] <shape>' "
+                f"(colours {OBJECT_COLOURS}, shapes {SHAPES}) in {text!r}"
+            )
+        art, colour, pattern, shape = om.groups()
+        if art != _article(colour):
+            raise ValueError(f"wrong article {art!r} before {colour!r} in {text!r}")
+        objects.append((colour, pattern or "solid", shape))
+    spec = CaptionSpec(background, tuple(objects))
+    if caption(spec) != text:  # e.g. an Oxford comma, or "x and y and z"
+        raise ValueError(f"caption {text!r} is not in canonical form {caption(spec)!r}")
+    return spec
+
+
+# ----------------------------------------------------------------------------- splits and batches
+
+
+def split_of(text: str) -> str:
+    """'eval' for ~10% of captions, chosen by a stable hash of the caption string, else 'train'."""
+    return "eval" if zlib.crc32(text.encode()) % 100 < EVAL_PERCENT else "train"
+
+
+def _sample_split(rng, split: str | None, **scene_kw) -> tuple[Scene, str]:
+    if split not in ("train", "eval", None):
+        raise ValueError(f"split must be 'train', 'eval' or None, got {split!r}")
+    while True:
+        scene = sample_scene(rng, **scene_kw)
+        text = caption(scene)
+        if split is None or split_of(text) == split:
+            return scene, text
+
+
+def prompts(n: int, split: str = "train", seed: int = 0, **scene_kw) -> list[str]:
+    """n captions of one split, drawn like training scenes; repeats allowed (common ones recur)."""
+    rng = np.random.default_rng(seed)
+    return [_sample_split(rng, split, **scene_kw)[1] for _ in range(n)]
+
+
+def make_batch(
+    n: int, seed: int, size: int = 64, max_objects: int = 3, *, split: str | None = "train", **scene_kw
+) -> tuple[np.ndarray, list[str]]:
+    """(images (n, size, size, 3) uint8, captions), deterministic per seed.
+
+    Only train-split captions by default, so eval prompts stay unseen by every model; split="eval"
+    gives reference images for the eval prompts, split=None the whole world.
+    """
+    rng = np.random.default_rng(seed)
+    images = np.empty((n, size, size, 3), np.uint8)
+    captions = []
+    for i in range(n):
+        scene, text = _sample_split(rng, split, max_objects=max_objects, **scene_kw)
+        images[i] = render(scene, size)
+        captions.append(text)
+    return images, captions
+
+
+def sample_grid(images: np.ndarray, cols: int = 8, upscale: int = 2, pad: int = 2) -> np.ndarray:
+    """Tile (n, H, W, 3) images into one uint8 picture with white gutters, nearest-upscaled."""
+    n, h, w, _ = images.shape
+    rows = math.ceil(n / cols)
+    grid = np.full((rows * (h + pad) + pad, cols * (w + pad) + pad, 3), 255, np.uint8)
+    for i, im in enumerate(images):
+        r, c = divmod(i, cols)
+        grid[pad + r * (h + pad) : pad + r * (h + pad) + h, pad + c * (w + pad) : pad + c * (w + pad) + w] = im
+    return grid.repeat(upscale, 0).repeat(upscale, 1)
+
+
+def _main() -> None:
+    ap = argparse.ArgumentParser(description="Toy-world sample grid and rendering speed.")
+    ap.add_argument("--grid", default="docs/img/toy-world-samples.png")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    from PIL import Image
+
+    images, captions = make_batch(64, args.seed, split=None)
+    Image.fromarray(sample_grid(images)).save(args.grid)
+    print(f"wrote {args.grid}; first captions:", *captions[:8], sep="\n  ")
+    rng = np.random.default_rng(1)
+    scenes = [sample_scene(rng) for _ in range(2000)]
+    t0 = time.perf_counter()
+    for s in scenes:
+        render(s)
+    t1 = time.perf_counter()
+    make_batch(2000, seed=2)
+    t2 = time.perf_counter()
+    print(f"render: {len(scenes) / (t1 - t0):.0f} images/s at 64x64; make_batch: {2000 / (t2 - t1):.0f} images/s")
+
+
+if __name__ == "__main__":
+    _main()

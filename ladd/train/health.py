@@ -1,0 +1,69 @@
+"""Health guards: non-finite losses, and the two faces of the collapse the blog noticed hours late.
+
+1. The disc stops telling real from fake: over a window of steps the mean logit gap stays near zero
+   while d_loss stays high (hinge: 2.0 means both ReLUs are fully active, i.e. chance).
+2. Different prompts give near-identical images: the mean pairwise distance between the student's
+   validation outputs falls below a fraction of the teacher's (the blog's "same speckled noise for
+   every prompt").
+
+Decisions are returned, not acted on; the loop reduces them across ranks before acting.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+
+import torch
+
+from ladd.config import HealthConfig
+
+
+def pairwise_spread(images: torch.Tensor) -> float:
+    """Mean L2 distance between all pairs of (N, ...) outputs (N >= 2): how different prompts look."""
+    flat = images.flatten(1).float()
+    d = torch.cdist(flat, flat)
+    n = flat.shape[0]
+    return float(d.sum() / (n * (n - 1)))
+
+
+class Health:
+    def __init__(self, cfg: HealthConfig):
+        self.cfg = cfg
+        self.nonfinite_in_a_row = 0
+        self.gaps: deque[float] = deque(maxlen=cfg.collapse_window)
+        self.d_losses: deque[float] = deque(maxlen=cfg.collapse_window)
+
+    def nonfinite(self, metrics: dict[str, float]) -> bool:
+        keys = ("d_loss", "g_loss", "disc_grad_norm", "student_grad_norm")
+        return any(k in metrics and not math.isfinite(metrics[k]) for k in keys)
+
+    def observe(self, metrics: dict[str, float]) -> dict[str, bool]:
+        """Feed one step's (rank-averaged) metrics. Returns which guards fired."""
+        bad = self.nonfinite(metrics)
+        self.nonfinite_in_a_row = self.nonfinite_in_a_row + 1 if bad else 0
+        if not bad:
+            self.gaps.append(metrics["logit_gap"])
+            self.d_losses.append(metrics["d_loss"])
+        return {
+            "nonfinite": bad,
+            "stop_nonfinite": self.nonfinite_in_a_row >= self.cfg.nan_patience,
+            "collapse_logits": self.logits_collapsed(),
+        }
+
+    def logits_collapsed(self) -> bool:
+        if len(self.gaps) < self.cfg.collapse_window:
+            return False
+        gap = sum(self.gaps) / len(self.gaps)
+        d_loss = sum(self.d_losses) / len(self.d_losses)
+        return abs(gap) < self.cfg.collapse_gap and d_loss > self.cfg.collapse_d_loss
+
+    def diversity_collapsed(self, student: torch.Tensor, teacher: torch.Tensor) -> tuple[float, bool]:
+        """(student spread / teacher spread, collapsed?) over the validation prompts' outputs."""
+        ratio = pairwise_spread(student) / max(pairwise_spread(teacher), 1e-12)
+        return ratio, ratio < self.cfg.diversity_fraction
+
+    def reset(self) -> None:
+        self.nonfinite_in_a_row = 0
+        self.gaps.clear()
+        self.d_losses.clear()

@@ -1,0 +1,280 @@
+"""`ladd train`: the one visible loop around the LADD step.
+
+    ladd train --config configs/toy.toml                       # one CPU process
+    ladd train --config configs/toy.toml --set train.steps=50  # any key can be overridden
+    torchrun --nproc_per_node 8 -m ladd train --config configs/zimage-512-8gpu.toml
+
+Order of each iteration, top to bottom (as EDM2 / nanochat): validate -> checkpoint -> stop? -> step
+-> log. Re-running the same command resumes from the run folder's latest complete checkpoint.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from ladd import distributed
+from ladd.config import Config, ConfigError, to_dict, to_toml
+from ladd.data.shards import ShardDataset, teacher_fingerprint
+from ladd.distributed import print0
+from ladd.models.discriminator import Discriminator
+from ladd.models.loading import load_pipeline, resolve_pipeline
+from ladd.models.zimage import ZImageAdapter
+from ladd.train.checkpoint import Checkpointer, TrainState
+from ladd.train.health import Health
+from ladd.train.logging import MetricsLog
+from ladd.train.step import Batch, LaddModels, is_gen_step, ladd_step, trainable
+from ladd.train.validation import Validator
+
+
+class Trainer:
+    """Builds everything a run needs; `run()` is the loop."""
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.dist = d = distributed.init()
+        if not cfg.data.path:
+            raise ConfigError("data.path is empty: point it at a `ladd precompute` output folder")
+        self.out = Path(cfg.train.out)
+        self.pipeline_dir = resolve_pipeline(cfg.model.pipeline)
+        self.bf16 = cfg.train.mixed_precision == "bf16" or (
+            cfg.train.mixed_precision == "auto" and d.device.type == "cuda"
+        )
+        pipe = load_pipeline(self.pipeline_dir, d.device)
+        self.pipe = pipe
+        # The teacher only runs forwards: keep it in bf16 on GPU (half the memory, no accuracy cost
+        # that matters for features); the student keeps fp32 master weights.
+        self.teacher = ZImageAdapter(pipe.transformer)
+        self.student = ZImageAdapter(copy.deepcopy(pipe.transformer).float().requires_grad_(True)).train()
+        self.student.gradient_checkpointing = cfg.model.gradient_checkpointing
+        if self.bf16:
+            self.teacher.to(torch.bfloat16)
+        self.data = ShardDataset(cfg.data.path, d.rank, d.world_size, cfg.data.seed,
+                                 expect_fingerprint=teacher_fingerprint(self.pipeline_dir))
+        text_dim = self._text_dim()
+        torch.manual_seed(cfg.train.seed)  # identical disc init on every rank
+        self.disc = Discriminator(
+            feature_dim=self.teacher.dim, layers=cfg.model.disc_layers, text_dim=text_dim,
+            hidden=cfg.model.disc_hidden, cond_dim=cfg.model.disc_cond_dim,
+            spectral_norm=cfg.model.disc_spectral_norm, num_teacher_layers=self.teacher.num_layers,
+        ).to(d.device)
+        if d.enabled:
+            distributed.shard_adapter(self.student, self.bf16)
+            distributed.shard_module(self.disc)
+            if cfg.train.teacher_sharded:
+                distributed.shard_adapter(self.teacher, False)
+        self.models = LaddModels(self.student, self.teacher, self.disc)
+        self.opt_g = _optimizer(trainable(self.student), cfg.optim.lr_g, cfg.optim.betas_g,
+                                cfg.optim.weight_decay_g, cfg.optim.optimizer)
+        self.opt_d = _optimizer(trainable(self.disc), cfg.optim.lr_d, cfg.optim.betas_d,
+                                cfg.optim.weight_decay_d, "adamw")
+        self.ema = ({n: p.detach().clone() for n, p in self.student.named_parameters() if p.requires_grad}
+                    if cfg.train.ema_decay > 0 else None)
+        seed = cfg.train.seed * 1000 + d.rank
+        self.state = TrainState(
+            rng=torch.Generator(d.device).manual_seed(seed),
+            dropout_rng=torch.Generator().manual_seed(seed + 500),
+        )
+        self.ckpt = Checkpointer(self.out / "checkpoints", d, cfg.train.keep_last)
+        self.health = Health(cfg.health)
+
+    def _text_dim(self) -> int:
+        if self.cfg.model.text_cond == "clip":
+            sample = self.data[0]
+            if sample["clip"] is None:
+                raise ConfigError(f"model.text_cond = 'clip' but {self.cfg.data.path} has no clip embeddings "
+                                  "(precompute with --clip DIR, or use text_cond = 'pooled')")
+            return sample["clip"].shape[-1]
+        return self.pipe.transformer.config.cap_feat_dim
+
+    # ----------------------------------------------------------------------------- state
+    def dcp_state(self) -> dict:
+        state = {
+            "student": distributed.model_state(self.student, self.opt_g),
+            "disc": distributed.model_state(self.disc, self.opt_d),
+        }
+        if self.ema is not None:
+            state["ema"] = self.ema
+        return state
+
+    def save(self) -> None:
+        path = self.ckpt.save(self.state.step, self.dcp_state(), self.state, self.data.state_dict(),
+                              to_dict(self.cfg))
+        print0(f"saved {path}")
+
+    def resume(self) -> bool:
+        latest = self.ckpt.latest()
+        if latest is None:
+            return False
+        state = self.dcp_state()
+        step, data_state = self.ckpt.load(latest, state, self.state)
+        distributed.load_model_state(self.student, self.opt_g, state["student"])
+        distributed.load_model_state(self.disc, self.opt_d, state["disc"])
+        self.data.load_state_dict(data_state)
+        print0(f"resumed from {latest} at step {step}")
+        return True
+
+    # ----------------------------------------------------------------------------- one step's data
+    def next_micro_batches(self) -> list[Batch]:
+        cfg, out = self.cfg, []
+        empty = None
+        for _ in range(cfg.data.grad_accum):
+            b = self.data.next_batch(cfg.data.batch_per_rank)
+            caps = [c.to(self.dist.device) for c in b.cap_feats]
+            cond = (b.clip if cfg.model.text_cond == "clip" else b.pooled).to(self.dist.device)
+            if cfg.data.text_dropout > 0:
+                # Dropped captions become the empty prompt for the student, the teacher *and* the disc
+                # conditioning, so the three never disagree about what the sample was asked to show.
+                drop = torch.rand(len(caps), generator=self.state.dropout_rng) < cfg.data.text_dropout
+                if bool(drop.any()):
+                    empty = empty if empty is not None else self.empty_caption()
+                    for i in torch.nonzero(drop).flatten().tolist():
+                        caps[i] = empty[0]
+                        cond[i] = empty[1]
+            out.append(Batch(b.latents.to(self.dist.device), caps, cond))
+        return out
+
+    def empty_caption(self) -> tuple[torch.Tensor, torch.Tensor]:
+        from ladd.models.text import encode_prompts, pooled
+
+        if self.cfg.model.text_cond == "clip":
+            raise ConfigError("data.text_dropout with model.text_cond = 'clip' needs an empty-prompt CLIP "
+                              "embedding, which the data does not carry; use text_cond = 'pooled'")
+        feats = encode_prompts(self.pipe, [""], device=self.dist.device)
+        return feats[0], pooled(feats)[0]
+
+    def set_lr(self) -> tuple[float, float]:
+        o = self.cfg.optim
+        warm = min(1.0, (self.state.step + 1) / o.warmup_steps) if o.warmup_steps > 0 else 1.0
+        lr_g, lr_d = o.lr_g * warm, o.lr_d * warm * self.state.lr_d_scale
+        for group in self.opt_g.param_groups:
+            group["lr"] = lr_g
+        for group in self.opt_d.param_groups:
+            group["lr"] = lr_d
+        return lr_g, lr_d
+
+    @torch.no_grad()
+    def update_ema(self) -> None:
+        decay = self.cfg.train.ema_decay
+        for n, p in self.student.named_parameters():
+            if n in self.ema:
+                self.ema[n].lerp_(p.detach(), 1 - decay)
+
+    # ----------------------------------------------------------------------------- the loop
+    def run(self) -> dict:
+        cfg, d, state = self.cfg, self.dist, self.state
+        resumed = self.resume()
+        if d.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "config.toml").write_text(to_toml(cfg))
+            (self.out / "config.json").write_text(json.dumps(to_dict(cfg), indent=1))
+        print0(self.plan())
+        validator = Validator(self, log_schedule=not resumed)
+        log = MetricsLog(self.out, cfg.log, enabled=d.is_main)
+        bar = tqdm(total=cfg.train.steps, initial=state.step, disable=not d.is_main, desc="train", unit="step")
+        stop_reason, last_saved = "", state.step if resumed else -1
+        summary: dict = {}
+        while True:
+            step = state.step
+            last_step = step >= cfg.train.steps
+            every = cfg.validation.every
+            if not stop_reason and (last_step or step == 0 or (every > 0 and step % every == 0)):
+                v = validator.run(step)
+                log.write(step, v)
+                if v.get("diversity_collapse") and not last_step:
+                    stop_reason = self.on_collapse("validation images of different prompts are near-identical")
+            if not stop_reason and step != last_saved and (
+                last_step or (step > 0 and step % cfg.train.checkpoint_every == 0)
+            ):
+                self.save()
+                last_saved = step
+            if last_step or stop_reason in ("stop_nonfinite", "stop_collapse"):
+                break
+            stop_reason = ""
+
+            t0 = time.perf_counter()
+            lr_g, lr_d = self.set_lr()
+            micro = self.next_micro_batches()
+            metrics = ladd_step(self.models, self.opt_g, self.opt_d, micro, step, cfg.method, state.rng)
+            if self.ema is not None and is_gen_step(step, cfg.method):
+                self.update_ema()
+            metrics = distributed.mean_over_ranks(metrics, d.device)
+            events = self.health.observe(metrics)
+            state.skipped += int(events["nonfinite"])
+            state.step += 1
+            dt = time.perf_counter() - t0
+            samples = cfg.data.batch_per_rank * cfg.data.grad_accum * d.world_size
+            metrics.update(lr_g=lr_g, lr_d=lr_d, step_time=dt, samples_per_s=samples / dt,
+                           skipped_updates=state.skipped, peak_mem_gb=_peak_mem_gb(d.device))
+            if state.step % cfg.log.every == 0:
+                log.write(state.step, metrics)
+            bar.update(1)
+            bar.set_postfix(d=f"{metrics['d_loss']:.3f}", g=f"{metrics['g_loss']:+.3f}",
+                            gap=f"{metrics['logit_gap']:+.2f}")
+            summary = metrics
+            if events["stop_nonfinite"]:
+                print0(f"stopping: {cfg.health.nan_patience} non-finite losses in a row; the last good "
+                       f"checkpoint is {self.ckpt.latest()}")
+                stop_reason = "stop_nonfinite"
+            elif events["collapse_logits"]:
+                stop_reason = self.on_collapse("the disc's logit gap has stayed near zero with d_loss high")
+        bar.close()
+        log.close()
+        result = {"step": state.step, "stopped": stop_reason or None, "skipped_updates": state.skipped,
+                  "last": {k: summary.get(k) for k in ("d_loss", "g_loss", "logit_gap")}}
+        print0(json.dumps(result))
+        return result
+
+    def on_collapse(self, why: str) -> str:
+        action = self.cfg.health.on_collapse
+        print0(f"health: collapse suspected — {why} (health.on_collapse = {action})")
+        if action == "stop":
+            return "stop_collapse"
+        if action == "rollback" and self.ckpt.latest() is not None:
+            self.resume()
+            self.state.lr_d_scale *= self.cfg.health.rollback_lr_d_factor
+            self.health.reset()
+            print0(f"rolled back to step {self.state.step}; lr_d scaled by {self.state.lr_d_scale:g}")
+        return "rollback" if action == "rollback" else ""
+
+    def plan(self) -> str:
+        cfg, d = self.cfg, self.dist
+        eff = cfg.data.batch_per_rank * cfg.data.grad_accum * d.world_size
+        seen = cfg.train.steps * eff / max(len(self.data), 1)
+        return (f"plan: {d.world_size} rank(s) on {d.device.type}, batch {cfg.data.batch_per_rank}/rank × "
+                f"{cfg.data.grad_accum} accum = {eff} per step, {cfg.train.steps} steps, {len(self.data)} "
+                f"prompts -> each seen ~{seen:.1f}×; {self.disc.describe()}; "
+                f"{'bf16' if self.bf16 else 'fp32'}; G every {cfg.method.gen_update_interval} steps")
+
+
+def _optimizer(params, lr, betas, weight_decay, kind: str) -> torch.optim.Optimizer:
+    if kind == "adamw8bit":
+        import bitsandbytes as bnb
+
+        return bnb.optim.AdamW8bit(params, lr=lr, betas=betas, weight_decay=weight_decay)
+    return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay)
+
+
+def _peak_mem_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    try:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
+    except ImportError:  # pragma: no cover
+        return math.nan
+
+
+def train(cfg: Config) -> dict:
+    trainer = Trainer(cfg)
+    try:
+        return trainer.run()
+    finally:
+        distributed.shutdown()
