@@ -44,7 +44,7 @@ def load_pipeline(path: str | Path, device: torch.device | str = "cpu", dtype: t
     """ZImagePipeline.from_pretrained, offline-safe, frozen, on `device`, progress bars off."""
     from diffusers import ZImagePipeline
 
-    pipe = ZImagePipeline.from_pretrained(str(resolve_pipeline(path)), torch_dtype=dtype)
+    pipe = ZImagePipeline.from_pretrained(str(resolve_pipeline(path)), dtype=dtype)
     pipe.set_progress_bar_config(disable=True)
     for module in (pipe.transformer, pipe.vae, pipe.text_encoder):
         module.requires_grad_(False).eval()

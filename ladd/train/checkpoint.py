@@ -14,7 +14,9 @@ re-running the same command: `latest()` finds the newest complete checkpoint.
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -82,6 +84,7 @@ class Checkpointer:
             tmp.mkdir(parents=True)
         distributed.barrier()
         distributed.dcp_save(dcp_state, str(tmp))
+        fault("save", step)
         meta = {"data": data_state, "lr_d_scale": state.lr_d_scale, "skipped": state.skipped}
         save_file(state.rank_tensors(), str(tmp / f"rank-{self.dist.rank:05d}.safetensors"),
                   metadata={"json": json.dumps(meta)})
@@ -126,3 +129,27 @@ def read_config(path: str | Path) -> dict:
     if (path / "config.json").is_file():
         return json.loads((path / "config.json").read_text())
     raise FileNotFoundError(f"{path}: neither a checkpoint (meta.json) nor a run folder (config.json)")
+
+
+def load_weights(path: str | Path, part: str = "student") -> dict[str, torch.Tensor]:
+    """One part of a checkpoint as plain tensors in one process, whatever the world size that wrote it.
+
+    part: "student" / "ema" -> a `ZImageTransformer2DModel` state dict; "disc" -> the discriminator's.
+    """
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
+
+    path = Path(path)
+    if not (path / "COMPLETE").is_file():
+        raise FileNotFoundError(f"{path} is not a finished checkpoint (no COMPLETE marker)")
+    key = {"student": "student.model", "disc": "disc.model", "ema": "ema"}[part]
+    sd = _load_state_dict_from_keys(keys={key}, checkpoint_id=str(path))
+    for k in key.split("."):
+        sd = sd[k]
+    prefix = "transformer."
+    return {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in sd.items()}
+
+
+def fault(point: str, step: int) -> None:
+    """Crash-test hook: LADD_FAULT=<point>:<step> SIGKILLs this process there (tests of exact resume)."""
+    if os.environ.get("LADD_FAULT") == f"{point}:{step}":
+        os.kill(os.getpid(), signal.SIGKILL)

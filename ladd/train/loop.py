@@ -26,7 +26,7 @@ from ladd.distributed import print0
 from ladd.models.discriminator import Discriminator
 from ladd.models.loading import load_pipeline, resolve_pipeline
 from ladd.models.zimage import ZImageAdapter
-from ladd.train.checkpoint import Checkpointer, TrainState
+from ladd.train.checkpoint import Checkpointer, TrainState, fault
 from ladd.train.health import Health
 from ladd.train.logging import MetricsLog
 from ladd.train.step import Batch, LaddModels, is_gen_step, ladd_step, trainable
@@ -214,6 +214,7 @@ class Trainer:
                            skipped_updates=state.skipped, peak_mem_gb=_peak_mem_gb(d.device))
             if state.step % cfg.log.every == 0:
                 log.write(state.step, metrics)
+            fault("step", state.step)
             bar.update(1)
             bar.set_postfix(d=f"{metrics['d_loss']:.3f}", g=f"{metrics['g_loss']:+.3f}",
                             gap=f"{metrics['logit_gap']:+.2f}")

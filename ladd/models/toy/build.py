@@ -136,6 +136,23 @@ def psnr(vae, images: np.ndarray) -> float:
     return 10 * math.log10(1.0 / mse)
 
 
+def encode_captions(pipe, captions: list[str], chunk: int = 256) -> list[torch.Tensor]:
+    """encode_prompt in chunks, padded to the chunk's longest prompt rather than 512 tokens.
+
+    Qwen3 is causal and the padding is on the right, so the real tokens' features do not depend on
+    the padding length (tests/test_toy_build.py pins it); 512-token padding made this the slowest stage.
+    """
+    out = []
+    for i in range(0, len(captions), chunk):
+        part = captions[i : i + chunk]
+        tok = pipe.tokenizer
+        texts = [tok.apply_chat_template([{"role": "user", "content": c}], tokenize=False,
+                                         add_generation_prompt=True, enable_thinking=True) for c in part]
+        longest = max(len(ids) for ids in tok(texts).input_ids)
+        out += encode_prompts(pipe, part, max_sequence_length=longest)
+    return out
+
+
 def train_transformer(
     adapter: ZImageAdapter, latents: torch.Tensor, caps: list[torch.Tensor], empty: torch.Tensor,
     cfg: ToyBuildConfig, gen: torch.Generator,
@@ -214,7 +231,7 @@ def build_toy(out: str | Path, cfg: ToyBuildConfig | None = None) -> dict:
     pipe = ZImagePipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
                           transformer=transformer)
     unique = sorted(set(captions))
-    feats = dict(zip(unique, encode_prompts(pipe, unique)))
+    feats = dict(zip(unique, encode_captions(pipe, unique)))
     caps = [feats[c] for c in captions]
     empty = encode_prompts(pipe, [""])[0]
     report["unique_captions"] = len(unique)

@@ -1,0 +1,226 @@
+"""`ladd train` on the tiny pipeline: a short run, FSDP2 on 2 ranks, exact resume after SIGKILL,
+gradient accumulation, the NaN guard and the collapse detector."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from ladd.config import Config, ConfigError, load_config, to_toml
+from ladd.data.precompute import PrecomputeConfig, run_precompute
+from ladd.models.tiny import build_tiny_pipeline
+from ladd.train.checkpoint import Checkpointer, load_weights
+
+PROMPTS = ["a red circle", "a blue square", "a green triangle", "an orange circle",
+           "a red square on white", "a gray circle", "a blue circle on black", "a green square"]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    build_tiny_pipeline(seed=2).save_pretrained(root / "tiny")
+    (root / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
+    run_precompute(PrecomputeConfig(pipeline=str(root / "tiny"), prompts=str(root / "prompts.txt"),
+                                    out=str(root / "data"), steps=4, shard_size=3))
+    return root
+
+
+def overrides(root, out, steps=6, **extra):
+    base = {
+        "model.pipeline": f'"{root / "tiny"}"', "data.path": f'"{root / "data"}"', "train.out": f'"{out}"',
+        "model.disc_layers": "[1, 3, 5]", "model.disc_hidden": "64", "model.disc_cond_dim": "64",
+        "train.steps": str(steps), "train.checkpoint_every": "2", "validation.every": "3",
+        "validation.num_prompts": "3", "optim.lr_g": "1e-3", "optim.lr_d": "1e-3", "health.collapse_window": "1000",
+    }
+    base.update(extra)
+    return [f"{k}={v}" for k, v in base.items()]
+
+
+def run_cli(args, env_extra=None, nproc=1, check=True):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **(env_extra or {})}
+    launcher = [sys.executable, "-m", "ladd"] if nproc == 1 else [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "-m", "ladd"]
+    cmd = launcher + ["train"] + [a for o in args for a in ("--set", o)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def metrics_rows(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_short_single_process_run(world):
+    from ladd.train.loop import train
+
+    out = world / "single"
+    result = train(load_config(None, overrides(world, out, steps=6)))
+    assert result == {"step": 6, "stopped": None, "skipped_updates": 0, "last": result["last"]}
+    rows = metrics_rows(out)
+    steps = [r for r in rows if "d_loss" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3, 4, 5, 6]
+    assert all(math.isfinite(r["d_loss"]) and "lr_g" in r and "samples_per_s" in r for r in steps)
+    assert [r["step"] for r in rows if "val_latent_mse" in r] == [0, 3, 6]  # validation from step 0
+    for name in ("teacher.png", "step-00000000.png", "x_t_at_curriculum_timesteps.png"):
+        assert (out / "validation" / name).is_file()
+    ckpts = Checkpointer(out / "checkpoints", None).finished()
+    assert [p.name for p in ckpts] == ["step-00000004", "step-00000006"]  # keep_last = 2
+    assert json.loads((ckpts[-1] / "meta.json").read_text())["config"]["train"]["steps"] == 6
+    assert load_config(out / "config.toml").train.steps == 6  # the resolved config round-trips
+
+
+def test_exact_resume_after_sigkill(world):
+    """Killed mid-run (and once mid-save), re-run: bit-identical student and disc to an unbroken run."""
+    ref = world / "unbroken"
+    run_cli(overrides(world, ref, steps=7))
+    for fault, name in (("step:5", "killed"), ("save:4", "killed_in_save")):
+        out = world / name
+        proc = run_cli(overrides(world, out, steps=7), {"LADD_FAULT": fault}, check=False)
+        assert proc.returncode == -9  # SIGKILL
+        if fault.startswith("save"):
+            assert (out / "checkpoints" / "step-00000004.tmp").is_dir()  # half-written, never loaded
+            assert Checkpointer(out / "checkpoints", None).latest().name == "step-00000002"
+        proc = run_cli(overrides(world, out, steps=7))
+        assert "resumed from" in proc.stdout
+        for part in ("student", "disc"):
+            a = load_weights(ref / "checkpoints" / "step-00000007", part)
+            b = load_weights(out / "checkpoints" / "step-00000007", part)
+            assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), (name, part)
+        # and training really moved the weights (the comparison is not between two untouched copies)
+        tiny = build_tiny_pipeline(seed=2).transformer.state_dict()
+        w = load_weights(ref / "checkpoints" / "step-00000007", "student")
+        assert any(not torch.equal(w[k], tiny[k]) for k in tiny)
+
+
+def test_two_rank_fsdp_run_and_single_process_load(world):
+    out = world / "fsdp"
+    run_cli(overrides(world, out, steps=4), nproc=2)
+    final = out / "checkpoints" / "step-00000004"
+    assert sorted(p.name for p in final.glob("rank-*.safetensors")) == ["rank-00000.safetensors",
+                                                                        "rank-00001.safetensors"]
+    weights = load_weights(final, "student")
+    transformer = build_tiny_pipeline(seed=2).transformer
+    transformer.load_state_dict(weights, strict=True)  # a whole, unsharded model in one process
+    rows = [r for r in metrics_rows(out) if "d_loss" in r]
+    assert len(rows) == 4 and all(r["samples_per_s"] > 0 for r in rows)
+
+
+def test_nan_guard_stops_and_keeps_last_good_checkpoint(world, monkeypatch):
+    import ladd.train.loop as loop
+
+    real_step = loop.ladd_step
+    calls = {"n": 0}
+
+    def flaky(*args, **kwargs):
+        calls["n"] += 1
+        metrics = real_step(*args, **kwargs)
+        if calls["n"] > 3:
+            metrics.update(d_loss=float("nan"), disc_grad_norm=float("nan"))
+        return metrics
+
+    monkeypatch.setattr(loop, "ladd_step", flaky)
+    out = world / "nan"
+    result = loop.train(load_config(None, overrides(world, out, steps=20, **{"health.nan_patience": "3"})))
+    assert result["stopped"] == "stop_nonfinite" and result["skipped_updates"] == 3 and result["step"] == 6
+    # Skipped updates leave the weights as they were, so step 4 is still good; step 6 is not saved.
+    assert Checkpointer(out / "checkpoints", None).latest().name == "step-00000004"
+
+
+def test_apply_update_skips_nonfinite():
+    from ladd.train.step import apply_update
+
+    w = torch.nn.Parameter(torch.ones(3))
+    opt = torch.optim.SGD([w], lr=1.0)
+    w.grad = torch.tensor([1.0, float("nan"), 0.0])
+    assert math.isnan(apply_update([w], opt, 1.0))
+    assert torch.equal(w.detach(), torch.ones(3))
+
+
+def test_collapse_detector_on_synthetic_runs():
+    from ladd.config import HealthConfig
+    from ladd.train.health import Health
+
+    health = Health(HealthConfig(collapse_window=20))
+    fired = [health.observe({"d_loss": 2.0, "g_loss": 0.0, "logit_gap": 0.01 * (-1) ** i})["collapse_logits"]
+             for i in range(25)]
+    assert not any(fired[:19]) and all(fired[19:])
+    healthy = Health(HealthConfig(collapse_window=20))
+    assert not any(healthy.observe({"d_loss": 1.2, "g_loss": 0.5, "logit_gap": 3.0})["collapse_logits"]
+                   for _ in range(25))
+    teacher = torch.randn(6, 16, 8, 8)
+    same = teacher[:1].repeat(6, 1, 1, 1) + 0.01 * torch.randn(6, 16, 8, 8)
+    assert health.diversity_collapsed(same, teacher)[1]
+    assert not health.diversity_collapsed(teacher + 0.1 * torch.randn_like(teacher), teacher)[1]
+
+
+def test_gradient_accumulation_equivalence(monkeypatch):
+    """2 micro-batches of 2 give the gradients of one batch of 4, with one optimizer step."""
+    import copy
+
+    from ladd.config import MethodConfig
+    from ladd.models.discriminator import Discriminator
+    from ladd.models.text import encode_prompts, pooled
+    from ladd.models.zimage import ZImageAdapter
+    import ladd.train.step as step
+
+    pipe = build_tiny_pipeline(seed=3)
+    caps = encode_prompts(pipe, PROMPTS[:4])
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(4, 16, 16, 16, generator=g)
+    noise = [torch.tensor([1.0, 0.5, 0.75, 0.25]), torch.randn(4, 16, 16, 16, generator=g),
+             torch.rand(4, generator=g) * 0.8 + 0.1, torch.randn(4, 16, 16, 16, generator=g),
+             torch.randn(4, 16, 16, 16, generator=g)]
+
+    def fixed_noise(batch, *_):
+        rows = [int(torch.nonzero((x0 == r).flatten(1).all(1))[0]) for r in batch.x0]
+        return tuple(n[rows] for n in noise)
+
+    monkeypatch.setattr(step, "draw_noise", fixed_noise)
+    grads = []
+    for split in ([slice(0, 4)], [slice(0, 2), slice(2, 4)]):
+        torch.manual_seed(0)
+        student = ZImageAdapter(copy.deepcopy(pipe.transformer).requires_grad_(True)).train()
+        disc = Discriminator(feature_dim=64, layers=[1, 5], text_dim=32, hidden=64, cond_dim=64)
+        models = step.LaddModels(student, ZImageAdapter(pipe.transformer), disc)
+        syncs = []
+        student.set_requires_gradient_sync = syncs.append  # what FSDP2 exposes; recorded here
+        opt = torch.optim.SGD(step.trainable(student), lr=0.0)
+        micro = [step.Batch(x0[s], caps[s], pooled(caps[s])) for s in split]
+        step.generator_step(models, opt, micro, 0, MethodConfig(), torch.Generator())
+        grads.append(torch.cat([p.grad.flatten() for p in step.trainable(student)]))
+        assert syncs == [False] * (len(split) - 1) + [True]  # reduce only after the last micro-batch
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-7)
+
+
+def test_config_errors_and_round_trip(tmp_path):
+    with pytest.raises(ConfigError, match="did you mean 'gen_update_interval'"):
+        load_config(None, ["method.gen_update_intervl=3"])
+    with pytest.raises(ConfigError, match=r"unknown config section \[optimizer\].*'optim'"):
+        load_config(None, ["optimizer.lr_g=1e-5"])
+    with pytest.raises(ConfigError, match="optim.lr_g must be float"):
+        load_config(None, ["optim.lr_g='fast'"])
+    with pytest.raises(ConfigError, match="micro-batch of 1"):
+        load_config(None, ["data.batch_per_rank=1"])
+    with pytest.raises(ConfigError, match="expected section.key=value"):
+        load_config(None, ["lr_g=1e-5"])
+    cfg = load_config(None, ["method.renoise_m=0.5", "model.disc_layers=[1, 2]", "model.text_cond=clip"])
+    assert (cfg.method.renoise_m, cfg.model.disc_layers, cfg.model.text_cond) == (0.5, [1, 2], "clip")
+    (tmp_path / "c.toml").write_text(to_toml(cfg))
+    assert load_config(tmp_path / "c.toml") == cfg
+    assert Config().optim.lr_g == 5e-6 and Config().method.gen_update_interval == 3  # the blog's best
+
+
+def test_config_diff_cli(tmp_path, capsys):
+    from ladd.cli import main
+
+    (tmp_path / "a.toml").write_text("[data]\nbatch_per_rank = 2\n[method]\nrenoise_m = 0.5\n")
+    (tmp_path / "b.toml").write_text("[data]\nbatch_per_rank = 4\n")
+    assert main(["config", "diff", str(tmp_path / "a.toml"), str(tmp_path / "b.toml")]) == 1
+    out = capsys.readouterr().out
+    assert "data.batch_per_rank  2  |  4" in out and "method.renoise_m     0.5  |  1.0" in out
+    assert main(["config", "diff", str(tmp_path / "b.toml"), str(tmp_path / "b.toml")]) == 0
