@@ -198,11 +198,6 @@ class Config:
     def __post_init__(self):
         # Contradictions across sections.
         self.method.check_micro_batch(self.data.batch_per_rank)
-        if self.optim.optimizer == "adamw8bit":
-            import importlib.util
-
-            if importlib.util.find_spec("bitsandbytes") is None:
-                raise ConfigError("optim.optimizer = 'adamw8bit' needs bitsandbytes: pip install bitsandbytes")
         bad = [t for t in self.log.trackers if t not in ("tensorboard", "wandb")]
         if bad:
             raise ConfigError(f"log.trackers: unknown tracker {bad[0]!r}; choose from 'tensorboard', 'wandb'")

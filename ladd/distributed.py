@@ -60,7 +60,8 @@ def shutdown() -> None:
 def print0(*args, **kwargs) -> None:
     """The one way rank-0 side effects reach the terminal."""
     if int(os.environ.get("RANK", 0)) == 0:
-        print(*args, **kwargs, flush=True)
+        kwargs.setdefault("flush", True)
+        print(*args, **kwargs)
 
 
 def barrier() -> None:

@@ -224,3 +224,34 @@ def test_config_diff_cli(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "data.batch_per_rank  2  |  4" in out and "method.renoise_m     0.5  |  1.0" in out
     assert main(["config", "diff", str(tmp_path / "b.toml"), str(tmp_path / "b.toml")]) == 0
+
+
+def test_shipped_configs_load():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "configs"
+    for name in ("toy.toml", "zimage-512-1gpu.toml", "zimage-512-8gpu.toml"):
+        cfg = load_config(root / name)
+        assert cfg.data.batch_per_rank >= 2  # the corrected recipe: never hinge on one sample
+    eight = load_config(root / "zimage-512-8gpu.toml")
+    assert eight.data.batch_per_rank * eight.data.grad_accum * 8 == 64
+    assert (eight.optim.lr_g, eight.optim.lr_d, eight.method.gen_update_interval) == (5e-6, 1e-5, 3)
+
+
+def test_gradient_checkpointing_flag_reaches_the_student(world):
+    from ladd.train.loop import Trainer
+
+    cfg = load_config(None, overrides(world, world / "gc", **{"model.gradient_checkpointing": "true"}))
+    trainer = Trainer(cfg)
+    assert trainer.student.gradient_checkpointing and not trainer.teacher.gradient_checkpointing
+    # tests/test_adapter.py::test_taps_under_gradient_checkpointing proves the flag recomputes blocks.
+
+
+def test_doctor_reports_checks(world, capsys):
+    from ladd.cli import main
+
+    args = [a for o in overrides(world, world / "doc") for a in ("--set", o)]
+    assert main(["doctor", *args]) == 0
+    out = capsys.readouterr().out
+    assert "[ok] one step gives finite, non-zero student gradients" in out
+    assert "[ok] teacher references are clean" in out and "plan: 1 rank(s)" in out

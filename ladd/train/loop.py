@@ -201,7 +201,9 @@ class Trainer:
             t0 = time.perf_counter()
             lr_g, lr_d = self.set_lr()
             micro = self.next_micro_batches()
-            metrics = ladd_step(self.models, self.opt_g, self.opt_d, micro, step, cfg.method, state.rng)
+            # bf16 autocast on GPU; parameters (and the optimizers' state) stay fp32 master copies.
+            with torch.autocast(d.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+                metrics = ladd_step(self.models, self.opt_g, self.opt_d, micro, step, cfg.method, state.rng)
             if self.ema is not None and is_gen_step(step, cfg.method):
                 self.update_ema()
             metrics = distributed.mean_over_ranks(metrics, d.device)
@@ -256,7 +258,10 @@ class Trainer:
 
 def _optimizer(params, lr, betas, weight_decay, kind: str) -> torch.optim.Optimizer:
     if kind == "adamw8bit":
-        import bitsandbytes as bnb
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            raise ConfigError("optim.optimizer = 'adamw8bit' needs bitsandbytes (CUDA): pip install bitsandbytes")
 
         return bnb.optim.AdamW8bit(params, lr=lr, betas=betas, weight_decay=weight_decay)
     return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay)
