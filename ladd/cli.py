@@ -36,6 +36,31 @@ def cmd_toy_tiny(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_toy_build(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from ladd.models.toy.build import ToyBuildConfig, build_toy, quick_config
+
+    cfg = quick_config(seed=args.seed) if args.quick else ToyBuildConfig(seed=args.seed)
+    if args.steps is not None:
+        cfg = replace(cfg, steps=args.steps)
+    build_toy(args.out, cfg)
+    return 0
+
+
+def cmd_toy_prompts(args: argparse.Namespace) -> int:
+    from ladd.models.toy.world import prompts
+
+    lines = "\n".join(prompts(args.n, args.split, seed=args.seed)) + "\n"
+    if args.out == "-":
+        sys.stdout.write(lines)
+    else:
+        with open(args.out, "w") as f:
+            f.write(lines)
+        print(f"wrote {args.n} {args.split} prompts to {args.out}", file=sys.stderr)
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from ladd.smoke import run_smoke
 
@@ -45,7 +70,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 # Modules that add their own sub-command: each exposes `add_parser(sub)` which registers a parser
 # whose default `func(args) -> int` runs it. Imported lazily inside `func`, so `ladd --help` is fast.
-COMMAND_MODULES: list[str] = ["ladd.data.precompute", "ladd.train.commands"]
+COMMAND_MODULES: list[str] = ["ladd.data.precompute", "ladd.train.commands", "ladd.eval.commands", "ladd.sweep"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -58,6 +83,20 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--out", required=True, help="output folder")
     tiny.add_argument("--seed", type=int, default=0)
     tiny.set_defaults(func=cmd_toy_tiny)
+
+    build = toy_sub.add_parser("build", help="train the toy-world teacher pipeline from scratch (~CPU minutes)")
+    build.add_argument("--out", required=True, help="output folder (the shipped one is assets/toy-zimage)")
+    build.add_argument("--seed", type=int, default=0)
+    build.add_argument("--steps", type=int, default=None, help="teacher training steps (default: the build config's)")
+    build.add_argument("--quick", action="store_true", help="a one-minute smoke build (not a usable teacher)")
+    build.set_defaults(func=cmd_toy_build)
+
+    prompts = toy_sub.add_parser("prompts", help="write toy-world prompts, one per line")
+    prompts.add_argument("--n", type=int, required=True)
+    prompts.add_argument("--split", choices=("train", "eval"), default="train")
+    prompts.add_argument("--seed", type=int, default=0)
+    prompts.add_argument("--out", default="-", help="a .txt file, or - for stdout")
+    prompts.set_defaults(func=cmd_toy_prompts)
 
     demo = sub.add_parser("demo", help="end-to-end run on the embedded default (now: a tiny smoke run)")
     demo.add_argument("--seed", type=int, default=0)
