@@ -36,8 +36,13 @@ class ModelConfig:
     disc_spectral_norm: bool = False
     text_cond: str = "pooled"  # "pooled" caption features | "clip" (needs clip in the data)
     gradient_checkpointing: bool = False
+    student: str = "full"  # "full" copy of the teacher | "lora": teacher weights + adapters (one copy)
+    lora_rank: int = 64
+    lora_alpha: float = 64.0
 
     def __post_init__(self):
+        if self.student not in ("full", "lora"):
+            raise ConfigError(f"model.student {self.student!r} is unknown; choose 'full' or 'lora'")
         if self.text_cond not in ("pooled", "clip"):
             raise ConfigError(f"model.text_cond {self.text_cond!r} is unknown; choose 'pooled' or 'clip'")
 

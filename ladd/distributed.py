@@ -132,17 +132,20 @@ def set_gradient_sync(module: nn.Module, enabled: bool) -> None:
 
 def model_state(model: nn.Module, opt: torch.optim.Optimizer | None = None) -> dict:
     """Sharded (FSDP) or plain model + optimizer state, keyed by parameter names. No full gather."""
-    from torch.distributed.checkpoint.state_dict import get_state_dict
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
-    model_sd, opt_sd = get_state_dict(model, optimizers=[opt] if opt is not None else [])
+    # Frozen weights (a LoRA student's base) come from the pipeline folder; checkpoints skip them.
+    options = StateDictOptions(ignore_frozen_params=True)
+    model_sd, opt_sd = get_state_dict(model, optimizers=[opt] if opt is not None else [], options=options)
     return {"model": model_sd, "optim": opt_sd} if opt is not None else {"model": model_sd}
 
 
 def load_model_state(model: nn.Module, opt: torch.optim.Optimizer | None, state: dict) -> None:
-    from torch.distributed.checkpoint.state_dict import set_state_dict
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
+    options = StateDictOptions(ignore_frozen_params=True, strict=False)
     set_state_dict(model, optimizers=[opt] if opt is not None else [], model_state_dict=state["model"],
-                   optim_state_dict=state.get("optim", {}))
+                   optim_state_dict=state.get("optim", {}), options=options)
 
 
 def dcp_save(state: dict, path: str) -> None:

@@ -255,3 +255,18 @@ def test_doctor_reports_checks(world, capsys):
     out = capsys.readouterr().out
     assert "[ok] one step gives finite, non-zero student gradients" in out
     assert "[ok] teacher references are clean" in out and "plan: 1 rank(s)" in out
+
+
+def test_lora_student_run_checkpoints_adapters_only(world):
+    pytest.importorskip("peft")
+    from ladd.train.loop import train
+
+    out = world / "lora"
+    extra = {"model.student": '"lora"', "model.lora_rank": "4", "model.lora_alpha": "4.0"}
+    assert train(load_config(None, overrides(world, out, steps=4, **extra)))["step"] == 4
+    weights = load_weights(out / "checkpoints" / "step-00000004", "student")
+    assert weights and all("lora_" in k for k in weights)  # the frozen base comes from the pipeline
+    result = train(load_config(None, overrides(world, out, steps=7, **extra)))  # resumes; G-step at 6
+    assert result["step"] == 7
+    after = load_weights(out / "checkpoints" / "step-00000007", "student")
+    assert any(not torch.equal(after[k], weights[k]) for k in weights)

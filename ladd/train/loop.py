@@ -25,6 +25,7 @@ from ladd.data.shards import ShardDataset, teacher_fingerprint
 from ladd.distributed import print0
 from ladd.models.discriminator import Discriminator
 from ladd.models.loading import load_pipeline, resolve_pipeline
+from ladd.models.lora import TeacherView, add_lora
 from ladd.models.zimage import ZImageAdapter
 from ladd.train.checkpoint import Checkpointer, TrainState, fault
 from ladd.train.health import Health
@@ -50,11 +51,23 @@ class Trainer:
         self.pipe = pipe
         # The teacher only runs forwards: keep it in bf16 on GPU (half the memory, no accuracy cost
         # that matters for features); the student keeps fp32 master weights.
-        self.teacher = ZImageAdapter(pipe.transformer)
-        self.student = ZImageAdapter(copy.deepcopy(pipe.transformer).float().requires_grad_(True)).train()
+        if cfg.model.student == "lora":
+            # One copy of the weights: the student is the transformer with adapters on, the teacher
+            # the same module with them off. Base in bf16 on GPU, adapters fp32 (trainable).
+            tr = pipe.transformer
+            if self.bf16:
+                tr.to(torch.bfloat16)
+            add_lora(tr, cfg.model.lora_rank, cfg.model.lora_alpha)
+            for p in tr.parameters():
+                if p.requires_grad:
+                    p.data = p.data.float()
+            self.teacher, self.student = TeacherView(tr), ZImageAdapter(tr).train()
+        else:
+            self.teacher = ZImageAdapter(pipe.transformer)
+            self.student = ZImageAdapter(copy.deepcopy(pipe.transformer).float().requires_grad_(True)).train()
+            if self.bf16:
+                self.teacher.to(torch.bfloat16)
         self.student.gradient_checkpointing = cfg.model.gradient_checkpointing
-        if self.bf16:
-            self.teacher.to(torch.bfloat16)
         self.data = ShardDataset(cfg.data.path, d.rank, d.world_size, cfg.data.seed,
                                  expect_fingerprint=teacher_fingerprint(self.pipeline_dir))
         text_dim = self._text_dim()

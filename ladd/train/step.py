@@ -56,7 +56,13 @@ class LaddModels:
     disc: Discriminator
 
     def __post_init__(self):
-        self.teacher.eval().requires_grad_(False)
+        # Freeze the teacher's own weights. A LoRA student shares them (the teacher is the same
+        # module with adapters off), so leave the student's trainable adapters alone.
+        shared = {id(p) for p in self.student.parameters() if p.requires_grad}
+        for p in self.teacher.parameters():
+            if id(p) not in shared:
+                p.requires_grad_(False)
+        self.teacher.eval()
 
 
 @dataclass
