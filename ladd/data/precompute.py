@@ -1,0 +1,523 @@
+"""`ladd precompute`: the teacher's 50-step CFG latents and their conditioning, sharded and resumable.
+
+Teacher data is the most expensive artefact of LADD, so it is exact (each latent equals what
+`ZImagePipeline(prompt, ..., generator=Generator("cpu").manual_seed(seed + i), output_type="latent")`
+gives, pinned by a test), never silently wrong (a manifest with the teacher's fingerprint, sha256 per
+shard) and never recomputed (a killed run resumes at the first missing shard; a finished one says so).
+
+CPU example (seconds, on the tiny random-weight pipeline):
+    ladd toy tiny --out runs/tiny
+    printf 'a red circle\\na blue square\\n' > runs/prompts.txt
+    ladd precompute --pipeline runs/tiny --prompts runs/prompts.txt --out runs/teacher --steps 50
+    ladd data check runs/teacher
+Many GPUs (shards are dealt to ranks; the output is byte-identical whatever the number of processes):
+    torchrun --nproc_per_node 8 -m ladd precompute --pipeline Z-Image --prompts p.jsonl --out teacher --dtype bf16
+
+Faster than calling the pipeline, with the same latents: the negative prompt is encoded once; inside a
+shard, prompts are sorted by token length before batching (less padding in the text encoder and in
+the transformer's joint sequence) and the results are scattered back to sample order; each batch's
+prompts are tokenised to their longest, not to 512; no decode.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+
+from ladd.data import shards as fmt
+from ladd.data.prompts import PromptFile, PromptFileError, read_prompts, token_lengths
+from ladd.models.loading import PipelineError, resolve_pipeline
+
+MAX_SEQUENCE_LENGTH = 512  # ZImagePipeline's default: longer prompts are truncated to it
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+class PrecomputeError(ValueError):
+    """A job that cannot run as asked; the message is one line."""
+
+
+@dataclass(kw_only=True, frozen=True)
+class PrecomputeConfig:
+    pipeline: str  # a diffusers ZImagePipeline folder, or "toy" (the embedded toy teacher)
+    prompts: str  # .txt / .jsonl / .csv / .parquet
+    out: str
+    resolution: int | None = None  # None: 512, or the VAE's sample_size when that is smaller
+    steps: int = 50
+    guidance: float = 5.0
+    negative_prompt: str = ""
+    seed: int = 0  # sample i uses seed + i
+    batch_size: int = 8  # prompts per forward (2× that with CFG); never changes the output
+    dtype: str = "fp32"  # storage dtype of latents and cap_feats; bf16 also runs the models in bf16 on GPU
+    decode_first: int = 0
+    clip: str | None = None  # a CLIPTextModelWithProjection + CLIPTokenizer folder
+    shard_size: int = 1000
+
+    def __post_init__(self):
+        for name in ("steps", "batch_size", "shard_size"):
+            if getattr(self, name) < 1:
+                raise PrecomputeError(f"--{name.replace('_', '-')} must be at least 1")
+        if self.seed < 0 or self.decode_first < 0 or self.guidance < 0:
+            raise PrecomputeError("--seed, --decode-first and --guidance must not be negative")
+        if self.dtype not in DTYPES:
+            raise PrecomputeError(f"--dtype must be one of {', '.join(DTYPES)}")
+
+
+@dataclass(kw_only=True)
+class PrecomputeSummary:
+    images: int  # generated in this run, all ranks
+    seconds: float
+    bytes_written: int
+    nothing_to_do: bool = False
+
+    def line(self, out: str) -> str:
+        rate = self.images / max(self.seconds, 1e-9)
+        return (f"precompute: {self.images} images in {self.seconds:.1f} s ({rate:.2f} images/s), "
+                f"{self.bytes_written:,} bytes written to {out}")
+
+
+# --------------------------------------------------------------------------------------------------
+# checks that run before any work
+
+
+def resolve_resolution(pipeline: str, resolution: int | None) -> int:
+    """The image side in pixels; a multiple of the VAE factor × 2 (the transformer's 2×2 patches)."""
+    vae = json.loads((resolve_pipeline(pipeline) / "vae" / "config.json").read_text())
+    factor = 2 ** (len(vae["block_out_channels"]) - 1) * 2  # ZImagePipeline: vae_scale_factor * 2
+    if resolution is None:
+        resolution = min(512, vae.get("sample_size", 512))
+    if resolution < factor or resolution % factor:
+        raise PrecomputeError(f"--resolution {resolution} must be a positive multiple of {factor} (VAE factor × 2)")
+    return resolution
+
+
+# --------------------------------------------------------------------------------------------------
+# the job's identity: the arguments that decide the bytes (not --batch-size, not the paths' spelling)
+
+
+def describe_job(cfg: PrecomputeConfig, resolution: int, prompts: PromptFile, print0=print) -> dict:
+    """The manifest of this job before any shard exists (rank 0): counts truncations with the pipeline's
+    tokenizer and fingerprints the teacher (and CLIP)."""
+    from transformers import AutoTokenizer
+
+    folder = resolve_pipeline(cfg.pipeline)
+    tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer")
+    truncated = sum(n > MAX_SEQUENCE_LENGTH for n in token_lengths(tokenizer, prompts.prompts))
+    transformer = json.loads((folder / "transformer" / "config.json").read_text())
+    vae = json.loads((folder / "vae" / "config.json").read_text())
+    side = 2 * (resolution // (2 ** (len(vae["block_out_channels"]) - 1) * 2))  # as ZImagePipeline.prepare_latents
+    n = len(prompts.prompts)
+    print0(f"precompute: {n} prompts from {cfg.prompts}"
+           + (f", {prompts.skipped_empty} empty lines skipped" if prompts.skipped_empty else "")
+           + (f", {truncated} longer than {MAX_SEQUENCE_LENGTH} tokens truncated (as ZImagePipeline does)"
+              if truncated else "")
+           + f"; {resolution}px, {cfg.steps} steps, guidance {cfg.guidance}; hashing the teacher's weights", flush=True)
+    clip = None
+    if cfg.clip:
+        clip = {"path": cfg.clip, "fingerprint": fmt.fingerprint_folder(cfg.clip),
+                "dim": json.loads((Path(cfg.clip) / "config.json").read_text()).get("projection_dim", 512)}
+    return {
+        "format": fmt.FORMAT,
+        "format_version": fmt.FORMAT_VERSION,
+        "complete": False,
+        "teacher": {"pipeline": cfg.pipeline, "fingerprint": fmt.teacher_fingerprint(folder)},
+        "sampling": {
+            "resolution": resolution, "steps": cfg.steps, "guidance": cfg.guidance,
+            "negative_prompt": cfg.negative_prompt, "seed": cfg.seed,
+            "seed_rule": "sample i: torch.randn((1, C, H, W), generator=torch.Generator('cpu').manual_seed(seed + i))",
+            "max_sequence_length": MAX_SEQUENCE_LENGTH,
+        },
+        "storage": {"dtype": cfg.dtype, "latent_shape": [transformer["in_channels"], side, side],
+                    "cap_feat_dim": transformer["cap_feat_dim"], "clip": clip, "clip_dim": clip and clip["dim"],
+                    "shard_size": cfg.shard_size},
+        "prompts": {"file": fmt.PROMPTS, "source": cfg.prompts, "count": n, "skipped_empty": prompts.skipped_empty,
+                    "truncated": truncated, "sha256": hashlib.sha256(fmt.prompts_jsonl(prompts.prompts)).hexdigest()},
+        "num_samples": n,
+        "decode_first": min(cfg.decode_first, n),
+        "shards": [
+            {"file": fmt.shard_name(k), "first": first, "count": min(cfg.shard_size, n - first), "bytes": None,
+             "sha256": None}
+            for k, first in enumerate(range(0, n, cfg.shard_size))
+        ],
+    }
+
+
+def _identity(m: dict) -> dict[str, object]:
+    """CLI flag -> the value it decided, for the refusal message when a rerun differs."""
+    s, st = m["sampling"], m["storage"]
+    return {
+        "--pipeline": m["teacher"]["fingerprint"], "--prompts": m["prompts"]["sha256"],
+        "--resolution": s["resolution"], "--steps": s["steps"], "--guidance": s["guidance"],
+        "--negative-prompt": s["negative_prompt"], "--seed": s["seed"], "--dtype": st["dtype"],
+        "--shard-size": st["shard_size"], "--decode-first": m["decode_first"],
+        "--clip": st["clip"] and st["clip"]["fingerprint"],
+    }
+
+
+def prepare_out(out: Path, job: dict, prompts: list[str]) -> bool:
+    """Create or validate OUT; True when the job is already finished (every file present)."""
+    if not (out / fmt.MANIFEST).is_file():
+        out.mkdir(parents=True, exist_ok=True)
+        fmt.write_atomic(out / fmt.PROMPTS, fmt.prompts_jsonl(prompts))
+        fmt.write_json(out / fmt.MANIFEST, job)
+        return False
+    old, now = fmt.read_manifest(out, require_complete=False), _identity(job)
+    for flag, was in _identity(old).items():
+        if was == now[flag]:
+            continue
+        if flag in ("--pipeline", "--prompts", "--clip"):
+            what = {"--pipeline": "teacher weights", "--prompts": "prompts", "--clip": "CLIP model"}[flag]
+            detail = f"the {what} are not those of the existing job"
+        else:
+            detail = f"the existing job has {flag} {was!r}, this run asks for {now[flag]!r}"
+        raise PrecomputeError(f"--out {out}: {flag} differs ({detail}); use another --out or the same arguments")
+    images = [out / fmt.IMAGES / fmt.image_name(i) for i in range(old["decode_first"])]
+    return old["complete"] and all((out / e["file"]).is_file() for e in old["shards"]) and all(
+        p.is_file() for p in images)
+
+
+# --------------------------------------------------------------------------------------------------
+# processes: torchrun's environment, torch.distributed only when there are several
+
+
+class _Ranks:
+    """RANK / WORLD_SIZE / LOCAL_RANK as torchrun sets them. Ranks meet twice: when rank 0 has
+    validated the output folder, and when every shard is written (then rank 0 writes the manifest)."""
+
+    def __init__(self):
+        self.rank = int(os.environ.get("RANK", 0))
+        self.world = int(os.environ.get("WORLD_SIZE", 1))
+        local = int(os.environ.get("LOCAL_RANK", 0))
+        self.device = torch.device(f"cuda:{local}") if torch.cuda.is_available() else torch.device("cpu")
+        self._dist = None
+
+    def start(self) -> None:
+        if self.world > 1 and self._dist is None:
+            import torch.distributed as dist
+
+            if self.device.type == "cuda":
+                torch.cuda.set_device(self.device)
+            # Long timeout: between the two meetings a rank works through its shards (hours at scale).
+            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo", timeout=timedelta(hours=48))
+            self._dist = dist
+
+    def broadcast0(self, value: int) -> int:
+        if self._dist is None:
+            return value
+        t = torch.tensor([value], dtype=torch.int64, device=self.device)
+        self._dist.broadcast(t, src=0)
+        return int(t.item())
+
+    def sum(self, values: list[int]) -> list[int]:
+        if self._dist is None:
+            return values
+        t = torch.tensor(values, dtype=torch.int64, device=self.device)
+        self._dist.all_reduce(t)
+        return t.tolist()
+
+    def stop(self) -> None:
+        if self._dist is not None:
+            self._dist.destroy_process_group()
+            self._dist = None
+
+    def print0(self, *args, **kwargs) -> None:
+        if self.rank == 0:
+            print(*args, **{"flush": True, **kwargs})
+
+
+class _Refused(PrecomputeError):
+    """On ranks other than 0 when rank 0 refused the job (rank 0 prints why)."""
+
+
+# --------------------------------------------------------------------------------------------------
+# the teacher: the pipeline's own models, sampled through the adapter
+
+
+class Teacher:
+    """ZImagePipeline's models on one device; `shard()` turns prompts and seeds into a shard's tensors."""
+
+    def __init__(self, cfg: PrecomputeConfig, resolution: int, device: torch.device):
+        from ladd.flow import image_seq_len, teacher_sigmas
+        from ladd.models.loading import load_pipeline
+        from ladd.models.text import encode_prompts
+        from ladd.models.zimage import ZImageAdapter
+
+        # bf16 compute only on GPU; on CPU bf16 is a storage format (the math stays float32).
+        compute = torch.bfloat16 if cfg.dtype == "bf16" and device.type == "cuda" else torch.float32
+        self.pipe = load_pipeline(cfg.pipeline, device, compute)  # the pipeline's own modules, frozen
+        self.cfg, self.resolution, self.device = cfg, resolution, device
+        self.adapter = ZImageAdapter(self.pipe.transformer)
+        side = 2 * (resolution // (self.pipe.vae_scale_factor * 2))
+        self.sigmas = teacher_sigmas(self.pipe.scheduler, cfg.steps, image_seq_len(side, side), device=device)
+        # The negative prompt is the same for every sample: encoded once here, not twice per batch.
+        self.neg = None
+        if cfg.guidance > 0:
+            self.neg = encode_prompts(self.pipe, [cfg.negative_prompt], MAX_SEQUENCE_LENGTH, device)[0]
+            self.neg = self.neg.to(self.adapter.dtype)
+        self.clip = _load_clip(cfg.clip, device) if cfg.clip else None
+
+    @torch.no_grad()
+    def shard(self, prompts: list[str], seeds: list[int], progress) -> dict[str, torch.Tensor]:
+        from ladd.models.text import encode_prompts, pack, pooled
+        from ladd.sampling import euler_sample, initial_noise
+
+        n, bs = len(prompts), self.cfg.batch_size
+        lengths = token_lengths(self.pipe.tokenizer, prompts)
+        # Batch prompts of similar length together (less padding in the text encoder and in the joint
+        # [image | caption] sequence), then scatter results back: sample i keeps seed + i and its place.
+        order = sorted(range(n), key=lambda j: lengths[j])
+        latents: list[torch.Tensor] = [None] * n
+        caps: list[torch.Tensor] = [None] * n
+        for b in range(0, n, bs):
+            idx = order[b : b + bs]
+            expect = [min(lengths[j], MAX_SEQUENCE_LENGTH) for j in idx]
+            # Tokenising to the batch's longest prompt instead of 512 is exact: Qwen3 is causal, so
+            # features of real tokens do not depend on right padding (a test pins the latents).
+            feats = encode_prompts(self.pipe, [prompts[j] for j in idx], max(expect), self.device)
+            if [len(f) for f in feats] != expect:
+                raise RuntimeError(f"token counts {[len(f) for f in feats]} != {expect}: tokenisation drifted")
+            noise = initial_noise(self.pipe, [seeds[j] for j in idx], self.resolution).to(self.device)
+            model_caps = [f.to(self.adapter.dtype) for f in feats]
+            neg = None if self.neg is None else [self.neg] * len(idx)
+            x = euler_sample(self.adapter, noise, self.sigmas, model_caps, neg, self.cfg.guidance).cpu()
+            for k, j in enumerate(idx):
+                latents[j], caps[j] = x[k], feats[k].cpu()
+            progress.update(len(idx))
+        store = DTYPES[self.cfg.dtype]
+        flat, lens = pack(caps)
+        tensors = {
+            "latents": torch.stack(latents).to(store),
+            "seeds": torch.tensor(seeds, dtype=torch.int64),
+            "cap_feats": flat.to(store),
+            "cap_lens": lens,
+            "pooled": pooled(caps),
+        }
+        if self.clip is not None:
+            tensors["clip"] = self._clip_embeds(prompts)
+        return tensors
+
+    @torch.no_grad()
+    def _clip_embeds(self, prompts: list[str]) -> torch.Tensor:
+        tokenizer, model = self.clip
+        out = []
+        for b in range(0, len(prompts), self.cfg.batch_size):
+            inputs = tokenizer(prompts[b : b + self.cfg.batch_size], padding=True, truncation=True,
+                               max_length=tokenizer.model_max_length, return_tensors="pt").to(self.device)
+            out.append(model(**inputs).text_embeds.float().cpu())
+        return torch.cat(out)
+
+    @torch.no_grad()
+    def write_images(self, out: Path, latents: torch.Tensor, first: int, decode_first: int) -> int:
+        """PNGs of samples first.. (< decode_first) via the VAE with its scaling and shift; bytes written."""
+        import io
+
+        from PIL import Image
+
+        from ladd.sampling import decode
+
+        written = 0
+        for j in range(min(len(latents), decode_first - first)):
+            path = out / fmt.IMAGES / fmt.image_name(first + j)
+            if path.is_file():
+                continue
+            path.parent.mkdir(exist_ok=True)
+            image = decode(self.pipe, latents[j : j + 1].float().to(self.device))[0]
+            # As the pipeline's postprocess: [0, 1] -> round(255·x) as uint8.
+            pixels = (image.permute(1, 2, 0).cpu().numpy() * 255).round().astype("uint8")
+            buf = io.BytesIO()
+            Image.fromarray(pixels).save(buf, format="PNG")
+            fmt.write_atomic(path, buf.getvalue())
+            written += len(buf.getvalue())
+        return written
+
+
+def check_clip_folder(path: str) -> None:
+    folder = Path(path)
+    if not (folder / "config.json").is_file():
+        raise PrecomputeError(f"--clip {path}: no config.json (expected a CLIPTextModelWithProjection folder)")
+    if not any((folder / f).is_file() for f in ("tokenizer.json", "vocab.json", "tokenizer_config.json")):
+        raise PrecomputeError(f"--clip {path}: no CLIP tokenizer files next to the model")
+
+
+def _load_clip(path: str, device: torch.device):
+    from transformers import CLIPTextModelWithProjection, CLIPTokenizer
+
+    return CLIPTokenizer.from_pretrained(path), CLIPTextModelWithProjection.from_pretrained(path).to(device).eval()
+
+
+# --------------------------------------------------------------------------------------------------
+# the job
+
+
+def run_precompute(cfg: PrecomputeConfig) -> PrecomputeSummary:
+    """Validate everything, then generate this rank's missing shards; rank 0 finalises the manifest."""
+    t0 = time.perf_counter()
+    out = Path(cfg.out)
+    # Before any work: a wrong folder, resolution or prompt file is one line, not a traceback later.
+    resolve_pipeline(cfg.pipeline)
+    resolution = resolve_resolution(cfg.pipeline, cfg.resolution)
+    if cfg.clip:
+        check_clip_folder(cfg.clip)
+    try:
+        prompts = read_prompts(cfg.prompts)
+    except PromptFileError as err:
+        raise PrecomputeError(str(err)) from None
+
+    ranks = _Ranks()
+    ranks.start()
+    try:
+        return _run(cfg, out, resolution, prompts, ranks, t0)
+    finally:
+        ranks.stop()
+
+
+def _run(cfg, out: Path, resolution: int, prompts, ranks: _Ranks, t0: float) -> PrecomputeSummary:
+    from tqdm import tqdm
+
+    # Rank 0 alone creates or validates OUT; the others learn the verdict (0 run, 1 done, 2 refused).
+    status, error = 0, None
+    if ranks.rank == 0:
+        try:
+            status = int(prepare_out(out, describe_job(cfg, resolution, prompts, ranks.print0), prompts.prompts))
+        except (PrecomputeError, fmt.DataError) as err:
+            status, error = 2, err
+    status = ranks.broadcast0(status)
+    if status == 2:
+        raise error if error is not None else _Refused("rank 0 refused the job")
+    manifest = fmt.read_manifest(out, require_complete=False)
+    entries = manifest["shards"]
+    if status == 1:
+        ranks.print0(f"nothing to do: {out} already holds all {manifest['num_samples']} samples "
+                     f"({len(entries)} shards, manifest complete)")
+        return PrecomputeSummary(images=0, seconds=time.perf_counter() - t0, bytes_written=0, nothing_to_do=True)
+
+    # Shards are dealt round-robin: shard k belongs to rank k % world, whatever was done before.
+    mine = [k for k in range(len(entries)) if k % ranks.world == ranks.rank]
+    for k in mine:  # a write that was killed half-way: never read, recomputed
+        (out / (entries[k]["file"] + ".tmp")).unlink(missing_ok=True)
+    present = [(out / e["file"]).is_file() for e in entries]
+    todo = [k for k in mine if not present[k]]
+    images_todo = [k for k in mine if any(not (out / fmt.IMAGES / fmt.image_name(i)).is_file()
+                                          for i in range(entries[k]["first"], min(
+                                              entries[k]["first"] + entries[k]["count"], manifest["decode_first"])))]
+    if any(present):
+        first_missing = present.index(False) if not all(present) else len(entries)
+        ranks.print0(f"resuming: {sum(present)} of {len(entries)} shards already written "
+                     f"(first missing: shard {first_missing})")
+    ranks.print0(f"precompute: {len(entries)} shards of up to {cfg.shard_size} samples over {ranks.world} "
+                 f"process(es) on {ranks.device.type}, batch size {cfg.batch_size}")
+
+    images = written = 0
+    if todo or images_todo:
+        teacher = Teacher(cfg, resolution, ranks.device)
+        total = sum(entries[k]["count"] for k in todo)
+        with tqdm(total=total, unit="img", desc=f"teacher (rank 0 of {ranks.world})", dynamic_ncols=True,
+                  disable=ranks.rank != 0 or total == 0) as bar:
+            for k in sorted(set(todo) | set(images_todo)):
+                e, path = entries[k], out / entries[k]["file"]
+                if k in todo:
+                    ids = range(e["first"], e["first"] + e["count"])
+                    tensors = teacher.shard([prompts.prompts[i] for i in ids], [cfg.seed + i for i in ids], bar)
+                    sha, nbytes = fmt.write_shard(path, tensors, e["first"])
+                    # A checksum beside the shard, so rank 0 need not re-read every shard to finalise.
+                    fmt.write_atomic(out / (e["file"] + ".sha256"), f"{sha}  {e['file']}\n".encode())
+                    images, written, latents = images + e["count"], written + nbytes, tensors["latents"]
+                else:
+                    from safetensors.torch import load_file
+
+                    latents = load_file(path)["latents"]
+                written += teacher.write_images(out, latents, e["first"], manifest["decode_first"])
+
+    # Every rank is done once all have summed their counts; then rank 0 writes the final manifest.
+    images, written = ranks.sum([images, written])
+    if ranks.rank == 0:
+        _finalise(out, manifest)
+    seconds = time.perf_counter() - t0
+    summary = PrecomputeSummary(images=images, seconds=seconds, bytes_written=written)
+    ranks.print0(summary.line(str(out)))
+    return summary
+
+
+def _finalise(out: Path, manifest: dict) -> None:
+    for e in manifest["shards"]:
+        path, side = out / e["file"], out / (e["file"] + ".sha256")
+        if not path.is_file():
+            raise PrecomputeError(f"{e['file']} is missing after every rank finished (shared filesystem?)")
+        if side.is_file():
+            e["sha256"] = side.read_text().split()[0]
+        elif e["sha256"] is None or e["bytes"] != path.stat().st_size:
+            e["sha256"] = fmt.sha256_file(path)  # written by a run killed before its checksum file
+        e["bytes"] = path.stat().st_size
+    manifest["complete"] = True
+    fmt.write_json(out / fmt.MANIFEST, manifest)
+    for e in manifest["shards"]:
+        (out / (e["file"] + ".sha256")).unlink(missing_ok=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# command line
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("precompute", help="teacher latents and conditioning, sharded and resumable",
+                       description="Teacher latents (ZImagePipeline-exact) and conditioning, sharded, resumable.")
+    p.add_argument("--pipeline", required=True, help="a diffusers ZImagePipeline folder, or 'toy'")
+    p.add_argument("--prompts", required=True, help=".txt (one per line), .jsonl/.csv/.parquet (field 'prompt')")
+    p.add_argument("--out", required=True, help="output folder (rerun the same command to resume)")
+    p.add_argument("--resolution", type=int, default=None,
+                   help="image side in pixels (default 512, or the VAE's sample_size when smaller)")
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--guidance", type=float, default=5.0)
+    p.add_argument("--negative-prompt", default="")
+    p.add_argument("--seed", type=int, default=0, help="sample i uses seed + i")
+    p.add_argument("--batch-size", type=int, default=8, help="prompts per forward; never changes the output")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="storage of latents and cap_feats")
+    p.add_argument("--decode-first", type=int, default=0, metavar="K", help="also write the first K images as PNG")
+    p.add_argument("--clip", default=None, metavar="DIR", help="CLIPTextModelWithProjection folder: store text_embeds")
+    p.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
+    p.set_defaults(func=cmd_precompute)
+
+    data = sub.add_parser("data", help="check a precomputed dataset")
+    data_sub = data.add_subparsers(dest="data_command", metavar="<data command>")
+    check = data_sub.add_parser("check", help="checksums, shapes, counts and finite values of teacher data")
+    check.add_argument("dir")
+    check.set_defaults(func=cmd_data_check)
+
+
+def cmd_precompute(args: argparse.Namespace) -> int:
+    try:
+        cfg = PrecomputeConfig(
+            pipeline=args.pipeline, prompts=args.prompts, out=args.out, resolution=args.resolution,
+            steps=args.steps, guidance=args.guidance, negative_prompt=args.negative_prompt, seed=args.seed,
+            batch_size=args.batch_size, dtype=args.dtype, decode_first=args.decode_first, clip=args.clip,
+            shard_size=args.shard_size,
+        )
+        run_precompute(cfg)
+    except _Refused:
+        return 2
+    except (PrecomputeError, PipelineError, fmt.DataError) as err:
+        if int(os.environ.get("RANK", 0)) == 0:  # every rank hits the same check; one says it
+            print(f"ladd precompute: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def cmd_data_check(args: argparse.Namespace) -> int:
+    problems = fmt.check_dataset(args.dir)
+    for line in problems:
+        print(f"ladd data check: {line}", file=sys.stderr)
+    if problems:
+        return 1
+    m = fmt.read_manifest(args.dir)
+    total = sum(s["bytes"] for s in m["shards"])
+    print(f"ok: {m['num_samples']} samples in {len(m['shards'])} shards ({total:,} bytes), "
+          f"teacher {m['teacher']['fingerprint'][:19]}…, {m['sampling']['resolution']}px")
+    return 0

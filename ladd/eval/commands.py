@@ -1,0 +1,335 @@
+"""`ladd eval`, `ladd generate`, `ladd export`.
+
+    ladd precompute --pipeline toy --prompts eval-prompts.txt --out runs/eval --decode-first 1000
+    ladd eval --data runs/eval --run runs/toy --ema --seeds 0 1 2 --out runs/toy/eval.json
+    ladd eval --data runs/eval --untrained --teacher            # the baseline and the noise floor only
+    ladd eval --data runs/eval --exported runs/toy-4step --features random-conv --subset-size 8
+    ladd generate --run runs/toy --prompt "a red circle on a white background" --seeds 0 1 2 --out gen --grid
+    ladd export runs/toy --out runs/toy-4step --ema
+
+Every `ladd eval` prints the untrained baseline (teacher weights sampled like the student: its steps,
+guidance 0) beside the result. The baseline and the teacher row are cached in EVAL_DIR/.ladd-cache/,
+keyed by everything that decides them, so they are computed once. See docs/evaluation.md.
+
+    from ladd.eval.commands import EvalConfig, evaluate
+    result = evaluate(EvalConfig(data="runs/eval", source="run", path="runs/toy", features="random-conv"))
+    result["rows"][0]["kid"]            # {"mean", "std", "n", ...}; also "caption_accuracy", "latent_mse"
+    result["untrained"]["kid"]["mean"]
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+SEED_STRIDE = 1_000_000  # eval seed s draws noise seed (reference seed + s · SEED_STRIDE)
+
+
+@dataclass(kw_only=True)
+class EvalConfig:
+    data: str  # a `ladd precompute` folder of held-out prompts (the references)
+    source: str | None = None  # "run" | "checkpoint" | "exported" | None: baseline (and teacher) only
+    path: str | None = None  # the run / checkpoint / exported folder
+    ema: bool = False
+    steps: int = 4
+    teacher: bool = False  # also the teacher at its own steps (the noise floor)
+    features: str = "inception"
+    subsets: int = 50
+    subset_size: int = 100
+    seeds: tuple[int, ...] = (0,)  # eval seeds: 0 = the references' own noise (paired), s > 0 fresh noise
+    fid: bool = True
+    limit: int | None = None  # evaluate the first N prompts only
+    batch_size: int = 8
+    device: str | None = None
+    dtype: str = "auto"
+    pipeline: str | None = None  # the teacher pipeline; default: the run's, else the data's
+    out: str | None = None
+
+    def __post_init__(self):
+        self.seeds = tuple(int(s) for s in self.seeds)
+        if self.source not in (None, "run", "checkpoint", "exported"):
+            raise ValueError(f"unknown source {self.source!r}")
+        if self.source and not self.path:
+            raise ValueError(f"--{self.source} needs a folder")
+        if not self.seeds or min(self.seeds) < 0 or len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"--seeds must be distinct non-negative integers, got {list(self.seeds)}")
+        if self.steps < 1 or self.subsets < 1 or self.subset_size < 2:
+            raise ValueError("--steps and --subsets must be >= 1 and --subset-size >= 2")
+
+
+def _teacher_dir(cfg: EvalConfig, manifest: dict) -> Path:
+    from ladd.eval.sample import EXPORT_INFO, run_teacher_dir
+    from ladd.models.loading import resolve_pipeline
+
+    if cfg.pipeline:
+        return resolve_pipeline(cfg.pipeline)
+    if cfg.source in ("run", "checkpoint"):
+        return run_teacher_dir(cfg.path)
+    info = Path(cfg.path or "") / EXPORT_INFO
+    if cfg.source == "exported" and info.is_file():
+        return resolve_pipeline(json.loads(info.read_text())["teacher"])
+    return resolve_pipeline(manifest["teacher"]["pipeline"])
+
+
+def score(sampler, refs, real, extractor, cfg: EvalConfig, seed_offset: int = 0) -> dict:
+    """One result row: generate the eval prompts at each eval seed, then KID/FID/latent MSE/captions."""
+    from ladd.eval.features import extract_features
+    from ladd.eval.kid import caption_scores, fid_score, kid_score, latent_mse, summarize
+
+    t0, per_seed = time.perf_counter(), []
+    for s in cfg.seeds:
+        offset = s + seed_offset
+        seeds = [r + offset * SEED_STRIDE for r in refs.seeds]
+        latents = sampler.latents(refs.prompts, seeds, refs.resolution, cfg.batch_size)
+        images = sampler.images(latents, cfg.batch_size)
+        fake = extract_features(extractor, images, cfg.batch_size)
+        per_seed.append({
+            "seed": s,
+            "kid": kid_score(real, fake, cfg.subsets, cfg.subset_size, seed=s),
+            "fid": fid_score(real, fake) if cfg.fid else None,
+            "latent_mse": latent_mse(latents, refs.latents) if offset == 0 else None,  # paired only
+            "caption_accuracy": caption_scores(images, refs.prompts),
+        })
+    return {"label": sampler.label, "kind": sampler.kind, "steps": sampler.steps, "guidance": sampler.guidance,
+            **summarize(per_seed), "noise_seed_offset": seed_offset, "num_images": len(refs.prompts),
+            "info": sampler.info, "seconds": round(time.perf_counter() - t0, 2)}
+
+
+def _cached_row(path: Path, make) -> dict:
+    if path.is_file():
+        row = json.loads(path.read_text())
+        row["cached"] = True
+        return row
+    row = make()
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # atomic: parallel sweep trials may race here
+    tmp.write_text(json.dumps(row, indent=1) + "\n")
+    os.replace(tmp, path)
+    return {**row, "cached": False}
+
+
+def _key(*parts) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def evaluate(cfg: EvalConfig) -> dict:
+    """Rows for the model (if any), the untrained baseline (cached) and the teacher (if asked, cached)."""
+    import torch
+
+    from ladd.data.shards import read_manifest, teacher_fingerprint
+    from ladd.eval import sample
+    from ladd.eval.features import build_extractor
+    from ladd.eval.kid import cache_dir, caption_scores, images_hash, load_references, reference_features
+    from ladd.models.loading import load_pipeline
+
+    manifest = read_manifest(cfg.data)
+    teacher_dir = _teacher_dir(cfg, manifest)
+    fingerprint = teacher_fingerprint(teacher_dir)
+    if fingerprint != manifest["teacher"]["fingerprint"]:
+        raise ValueError(f"{cfg.data} was made by another teacher than {teacher_dir} (fingerprints differ): "
+                         "KID against it would measure the teachers' difference")
+    device = torch.device(cfg.device) if cfg.device else sample.default_device()
+    pipe = load_pipeline(teacher_dir, device, sample.dtype_for(cfg.dtype, device))
+    refs = load_references(cfg.data, pipe, cfg.limit)
+    if cfg.subset_size > len(refs.prompts):
+        print(f"note: --subset-size {cfg.subset_size} > {len(refs.prompts)} eval images; using "
+              f"{len(refs.prompts)} (every subset is then the whole set: subset std 0)")
+    extractor = build_extractor(cfg.features, device)
+    real = reference_features(refs, extractor, cfg.batch_size)
+
+    model = None
+    if cfg.source:
+        model = sample.load_sampler("exported" if cfg.source == "exported" else "run", cfg.path, ema=cfg.ema,
+                                    steps=cfg.steps, device=device, dtype=cfg.dtype, pipe=pipe)
+        if cfg.source == "exported" and model.info.get("teacher_fingerprint", fingerprint) != fingerprint:
+            raise ValueError(f"{cfg.path} was distilled from another teacher than the one of {cfg.data}")
+    timesteps = model.info["timesteps"] if model else None
+    common = [fingerprint, images_hash(refs.images), extractor.name, cfg.subsets, cfg.subset_size,
+              list(cfg.seeds), cfg.fid, str(sample.dtype_for(cfg.dtype, device))]
+    untrained = sample.untrained_sampler(pipe, cfg.steps, timesteps)
+    cache = cache_dir(cfg.data)
+    base = _cached_row(cache / f"untrained-{_key('untrained', *common, untrained.info['timesteps'])}.json",
+                       lambda: score(untrained, refs, real, extractor, cfg))
+    rows = [base]
+    if model is not None:
+        rows.insert(0, score(model, refs, real, extractor, cfg))
+    if cfg.teacher:
+        s = manifest["sampling"]
+        teacher = sample.teacher_sampler(pipe, s["steps"], s["guidance"], refs.resolution, s["negative_prompt"])
+        # Fresh noise (offset 1): at the references' own seeds the teacher would reproduce them, KID 0.
+        rows.append(_cached_row(cache / f"teacher-{_key('teacher', *common, s['steps'], s['guidance'])}.json",
+                                lambda: score(teacher, refs, real, extractor, cfg, seed_offset=1)))
+    result = {
+        "data": str(cfg.data), "num_images": len(refs.prompts), "features": extractor.name,
+        "config": asdict(cfg), "reference": {"caption_accuracy": caption_scores(refs.images, refs.prompts)},
+        "rows": rows, "untrained": base, "teacher": rows[-1] if cfg.teacher else None,
+    }
+    print(format_table(result))
+    if cfg.out:
+        Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(cfg.out).write_text(json.dumps(result, indent=1) + "\n")
+        print(f"wrote {cfg.out}")
+    return result
+
+
+def format_table(result: dict) -> str:
+    """A plain table: one line per row, KID ×1e3 as mean ± std (n), the difference to the baseline."""
+    base = result["untrained"]["kid"]["mean"]
+    head = f"{'model':<40} {'steps':>5}  {'KID x1e3':>22}  {'vs untrained':>12}  {'FID':>8}  {'latent MSE':>10}  " \
+           "caption acc"
+    lines = [f"{result['num_images']} eval images from {result['data']}, features {result['features']}", head,
+             "-" * len(head)]
+    for r in result["rows"]:
+        k = r["kid"]
+        kid = f"{1e3 * k['mean']:.3f} ± {1e3 * k['std']:.3f} (n={k['n']}{'' if k['std_over'] == 'seeds' else ' sub'})"
+        diff = "—" if r["kind"] == "untrained" else f"{1e3 * (k['mean'] - base):+.3f}"
+        fid = f"{r['fid']['mean']:.2f}" if r.get("fid") else "—"
+        mse = f"{r['latent_mse']:.4g}" if r.get("latent_mse") is not None else "—"
+        cap = f"{r['caption_accuracy']['all']:.3f}" if r.get("caption_accuracy") else "—"
+        label = r["label"] + (" [cached]" if r.get("cached") else "")
+        lines.append(f"{label:<40} {r['steps']:>5}  {kid:>22}  {diff:>12}  {fid:>8}  {mse:>10}  {cap}")
+    ref = result["reference"]["caption_accuracy"]
+    if ref:
+        lines.append(f"{'reference (teacher images)':<40} {'':>5}  {'':>22}  {'':>12}  {'':>8}  {'':>10}  "
+                     f"{ref['all']:.3f}")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------------
+# generate
+
+
+def generate(source: str, path: str, prompts: list[str], seeds: list[int], out: str | Path, *, ema: bool = False,
+             steps: int = 4, guidance: float = 0.0, resolution: int | None = None, grid: bool = False,
+             device=None, dtype: str = "auto", batch_size: int = 8):
+    """Few-step images (PNG) and their latents (latents.safetensors) for prompts and seeds."""
+    import torch
+    from safetensors.torch import save_file
+
+    from ladd.data.precompute import resolve_resolution
+    from ladd.eval import sample
+    from ladd.eval.kid import save_png
+
+    if len(seeds) == 1 and len(prompts) > 1:
+        seeds = [seeds[0] + i for i in range(len(prompts))]  # as precompute: prompt i gets seed + i
+    if len(seeds) != len(prompts):
+        raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts: give one seed, or one per prompt")
+    s = sample.load_sampler(source, path, ema=ema, steps=steps, device=device, dtype=dtype)
+    s.guidance = guidance
+    from ladd.models.loading import resolve_pipeline
+
+    folder = resolve_pipeline(path) if source in ("exported", "untrained") else sample.run_teacher_dir(path)
+    resolution = resolution or resolve_resolution(str(folder), None)
+    latents = s.latents(prompts, seeds, resolution, batch_size)
+    images = s.images(latents, batch_size)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    for i, (image, seed) in enumerate(zip(images, seeds)):
+        (out / f"{i:05d}-seed{seed}.png").write_bytes(save_png(image))
+    save_file({"latents": latents.contiguous(), "seeds": torch.tensor(seeds)}, str(out / "latents.safetensors"))
+    (out / "prompts.jsonl").write_text("".join(json.dumps({"prompt": p, "seed": sd}) + "\n"
+                                               for p, sd in zip(prompts, seeds)))
+    if grid:
+        from ladd.train.validation import save_grid
+
+        save_grid(torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255, out / "grid.png")
+    print(f"wrote {len(images)} images ({s.label}, guidance {guidance:g}) to {out}")
+    return latents
+
+
+# --------------------------------------------------------------------------------------------------
+# command line
+
+
+def _source(args) -> tuple[str | None, str | None]:
+    for name in ("run", "checkpoint", "exported"):
+        if getattr(args, name, None):
+            return name, getattr(args, name)
+    return None, None
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("eval", help="KID/FID, latent MSE and caption accuracy against teacher references")
+    p.add_argument("--data", required=True, help="a `ladd precompute` folder of held-out prompts")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--run", help="a run folder (its latest checkpoint)")
+    which.add_argument("--checkpoint", help="one checkpoint folder (checkpoints/step-XXXXXXXX)")
+    which.add_argument("--exported", help="a `ladd export` folder")
+    which.add_argument("--untrained", action="store_true", help="only the untrained baseline (always printed)")
+    p.add_argument("--teacher", action="store_true", help="also the teacher at its own steps (noise floor)")
+    p.add_argument("--ema", action="store_true", help="the EMA weights of the run / checkpoint")
+    p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--subsets", type=int, default=50)
+    p.add_argument("--subset-size", type=int, default=100)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="eval seeds (0 = the references' noise)")
+    p.add_argument("--features", default="inception", help="inception | random-conv | torchmetrics-inception")
+    p.add_argument("--no-fid", action="store_true")
+    p.add_argument("--limit", type=int, default=None, help="only the first N eval prompts")
+    p.add_argument("--pipeline", default=None, help="the teacher pipeline (default: the run's or the data's)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--dtype", choices=("auto", "fp32", "bf16"), default="auto", help="auto: bf16 on GPU, else fp32")
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--out", default=None, help="write the results as JSON here")
+    p.set_defaults(func=cmd_eval)
+
+    g = sub.add_parser("generate", help="few-step images from a run or an exported student")
+    which = g.add_mutually_exclusive_group(required=True)
+    which.add_argument("--run")
+    which.add_argument("--checkpoint")
+    which.add_argument("--exported")
+    which.add_argument("--untrained", metavar="PIPELINE", help="the teacher's weights at the student's steps")
+    g.add_argument("--prompt", action="append", default=[], help="repeatable")
+    g.add_argument("--prompts", default=None, help=".txt / .jsonl / .csv / .parquet prompt file")
+    g.add_argument("--seeds", type=int, nargs="+", default=[0], help="one per prompt, or one base seed (seed + i)")
+    g.add_argument("--steps", type=int, default=4)
+    g.add_argument("--guidance", type=float, default=0.0)
+    g.add_argument("--ema", action="store_true")
+    g.add_argument("--resolution", type=int, default=None)
+    g.add_argument("--grid", action="store_true", help="also grid.png")
+    g.add_argument("--dtype", choices=("auto", "fp32", "bf16"), default="auto", help="auto: bf16 on GPU, else fp32")
+    g.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    g.add_argument("--out", required=True)
+    g.set_defaults(func=cmd_generate)
+
+    e = sub.add_parser("export", help="a diffusers ZImagePipeline folder with the student")
+    e.add_argument("run", help="a run folder (latest checkpoint) or a checkpoint folder")
+    e.add_argument("--out", required=True)
+    e.add_argument("--ema", action="store_true", help="export the EMA weights (default: raw)")
+    e.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
+    e.add_argument("--lora", action="store_true", help="a LoRA file instead (LoRA students only)")
+    e.add_argument("--overwrite", action="store_true")
+    e.set_defaults(func=cmd_export)
+
+
+def cmd_eval(args) -> int:
+    source, path = _source(args)
+    cfg = EvalConfig(data=args.data, source=source, path=path, ema=args.ema, steps=args.steps, teacher=args.teacher,
+                     features=args.features, subsets=args.subsets, subset_size=args.subset_size,
+                     seeds=tuple(args.seeds), fid=not args.no_fid, limit=args.limit, batch_size=args.batch_size,
+                     dtype=args.dtype, device=args.device, pipeline=args.pipeline, out=args.out)
+    evaluate(cfg)
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from ladd.data.prompts import read_prompts
+
+    source, path = _source(args)
+    if source is None:
+        source, path = "untrained", args.untrained
+    prompts = list(args.prompt) + (read_prompts(args.prompts).prompts if args.prompts else [])
+    if not prompts:
+        raise ValueError("no prompts: give --prompt TEXT (repeatable) or --prompts FILE")
+    generate(source, path, prompts, args.seeds, args.out, ema=args.ema, steps=args.steps, guidance=args.guidance,
+             resolution=args.resolution, grid=args.grid, dtype=args.dtype, device=args.device)
+    return 0
+
+
+def cmd_export(args) -> int:
+    from ladd.eval.export import export_student
+
+    export_student(args.run, args.out, ema=args.ema, dtype=args.dtype, lora=args.lora, overwrite=args.overwrite)
+    return 0

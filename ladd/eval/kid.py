@@ -1,0 +1,231 @@
+"""KID and FID against the teacher's reference images, through torchmetrics, plus the paired metrics.
+
+The references are a `ladd precompute` folder made from held-out prompts: the teacher's 50-step CFG
+latents for prompt i at seed `seed + i`, and (with `--decode-first K`, K ≥ N) their PNGs; without
+the PNGs the stored latents are decoded once with the teacher's VAE and cached.
+
+    refs = load_references("runs/eval-data", pipe)            # prompts, seeds, latents, uint8 images
+    real = reference_features(refs, extractor)                 # cached in EVAL_DIR/.ladd-cache/
+    fake = extract_features(extractor, images)
+    kid_score(real, fake, subsets=50, subset_size=100, seed=0) # {"mean", "std", "subsets", "subset_size"}
+
+KID is torchmetrics' `KernelInceptionDistance` fed precomputed features (its `feature=` is an
+identity module), so features are extracted once and the references' are cached. Its subsets are drawn
+with `torch.randperm` from the global generator; we seed it (inside `fork_rng`, leaving the caller's
+stream alone), so a score is reproducible and equals torchmetrics' own run under the same seed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from ladd.data import shards as fmt
+from ladd.eval.features import FeatureExtractor, extract_features
+
+CACHE = ".ladd-cache"
+
+
+def cache_dir(data_dir: str | Path) -> Path:
+    path = Path(data_dir) / CACHE
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def to_uint8(images: Tensor) -> np.ndarray:
+    """(N, 3, H, W) in [0, 1] -> (N, H, W, 3) uint8, rounded as the pipeline (and the PNGs) do."""
+    return (images.clamp(0, 1).permute(0, 2, 3, 1).float().cpu().numpy() * 255).round().astype(np.uint8)
+
+
+def images_hash(images: np.ndarray) -> str:
+    h = hashlib.sha256(json.dumps(list(images.shape)).encode())
+    h.update(np.ascontiguousarray(images).tobytes())
+    return h.hexdigest()
+
+
+# --------------------------------------------------------------------------------------------------
+# the references
+
+
+@dataclass
+class ReferenceSet:
+    data_dir: Path
+    manifest: dict
+    prompts: list[str]
+    seeds: list[int]  # the noise seed of each reference (seed + i)
+    latents: Tensor  # (N, C, h, w) float32 teacher latents
+    images: np.ndarray  # (N, H, W, 3) uint8
+
+    @property
+    def resolution(self) -> int:
+        return int(self.manifest["sampling"]["resolution"])
+
+
+def load_references(data_dir: str | Path, pipe=None, limit: int | None = None) -> ReferenceSet:
+    """Prompts, seeds, latents and images of a precompute folder (`pipe` decodes when PNGs are missing)."""
+    data_dir = Path(data_dir)
+    ds = fmt.ShardDataset(data_dir)
+    n = min(len(ds), limit) if limit else len(ds)
+    prompts = [json.loads(line)["prompt"] for line in (data_dir / fmt.PROMPTS).read_text().splitlines()][:n]
+    samples = [ds[i] for i in range(n)]
+    latents = torch.stack([s["latents"] for s in samples])
+    seeds = [s["seed"] for s in samples]
+    if ds.manifest["decode_first"] >= n:
+        from PIL import Image
+
+        images = np.stack([np.asarray(Image.open(data_dir / fmt.IMAGES / fmt.image_name(i)).convert("RGB"))
+                           for i in range(n)])
+    else:
+        images = _decoded_references(data_dir, ds.manifest, latents, pipe)
+    return ReferenceSet(data_dir, ds.manifest, prompts, seeds, latents, images)
+
+
+def _decoded_references(data_dir: Path, manifest: dict, latents: Tensor, pipe) -> np.ndarray:
+    """The stored latents through the VAE, once: cached by (shard checksums, VAE weights, count)."""
+    if pipe is None:
+        raise ValueError(f"{data_dir} has no PNG references (precompute --decode-first N): a pipeline is "
+                         "needed to decode its latents")
+    from ladd.data.shards import fingerprint_folder
+
+    vae_dir = Path(pipe.name_or_path) / "vae" if getattr(pipe, "name_or_path", None) else None
+    vae_id = fingerprint_folder(vae_dir) if vae_dir and vae_dir.is_dir() else "unknown-vae"
+    key = hashlib.sha256(json.dumps([[s["sha256"] for s in manifest["shards"]], vae_id, len(latents)]).encode())
+    path = cache_dir(data_dir) / f"references-{key.hexdigest()[:16]}.safetensors"
+    if path.is_file() and vae_id != "unknown-vae":
+        return load_file(str(path))["images"].numpy()
+    from ladd.sampling import decode
+
+    device = pipe.vae.device
+    images = np.concatenate([to_uint8(decode(pipe, latents[i : i + 8].to(device))) for i in range(0, len(latents), 8)])
+    if vae_id != "unknown-vae":
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        save_file({"images": torch.from_numpy(images)}, str(tmp))
+        os.replace(tmp, path)
+    return images
+
+
+def reference_features(refs: ReferenceSet, extractor: FeatureExtractor, batch_size: int = 32) -> Tensor:
+    """The references' features, cached as safetensors keyed by a hash of the images and the extractor."""
+    key = hashlib.sha256(f"{images_hash(refs.images)}|{extractor.name}".encode()).hexdigest()[:16]
+    path = cache_dir(refs.data_dir) / f"features-{extractor.name}-{key}.safetensors"
+    if path.is_file():
+        return load_file(str(path))["features"]
+    feats = extract_features(extractor, refs.images, batch_size)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # atomic: parallel sweep trials may race here
+    save_file({"features": feats.contiguous()}, str(tmp), metadata={"extractor": extractor.name,
+                                                                   "images": str(len(refs.images))})
+    os.replace(tmp, path)
+    return feats
+
+
+# --------------------------------------------------------------------------------------------------
+# the metrics
+
+
+class Precomputed(nn.Module):
+    """Identity 'feature extractor': lets torchmetrics' metrics be fed features instead of images."""
+
+    def __init__(self, num_features: int):
+        super().__init__()
+        self.num_features = num_features
+
+    def forward(self, features: Tensor) -> Tensor:
+        return features
+
+
+def kid_score(real: Tensor, fake: Tensor, subsets: int = 50, subset_size: int = 100, seed: int = 0) -> dict:
+    """KID of fake vs real features: mean and (population) std over `subsets` random subsets.
+
+    Computed in float64 by torchmetrics' `KernelInceptionDistance` (polynomial kernel, degree 3,
+    gamma 1/D, coef 1, unbiased MMD²); the subsets come from torch's global generator seeded with `seed`.
+    A subset size larger than either set is lowered to fit (reported in the result).
+    """
+    from torchmetrics.image.kid import KernelInceptionDistance
+
+    size = min(subset_size, len(real), len(fake))
+    if size < 2:
+        raise ValueError(f"KID needs at least 2 images per side, got {len(real)} references and {len(fake)} images")
+    with warnings.catch_warnings():  # "will save all extracted features in buffer": that is the point
+        warnings.simplefilter("ignore", UserWarning)
+        metric = KernelInceptionDistance(feature=Precomputed(real.shape[1]), subsets=subsets, subset_size=size)
+    metric.update(real.double(), real=True)
+    metric.update(fake.double(), real=False)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        mean, std = metric.compute()
+    return {"mean": float(mean), "std": float(std), "subsets": subsets, "subset_size": size}
+
+
+def fid_score(real: Tensor, fake: Tensor) -> float:
+    """FID (torchmetrics, float64). Biased for small N — with N < D the covariances are rank-deficient
+    — so compare FIDs only at equal N; KID is the number to trust on small eval sets."""
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    metric = FrechetInceptionDistance(feature=Precomputed(real.shape[1]))
+    metric.update(real.double(), real=True)
+    metric.update(fake.double(), real=False)
+    return float(metric.compute())
+
+
+def latent_mse(latents: Tensor, teacher: Tensor) -> float:
+    """Mean squared error to the teacher's latent of the same prompt and seed (a paired metric)."""
+    return float(torch.mean((latents.float().cpu() - teacher.float().cpu()) ** 2))
+
+
+def caption_scores(images: np.ndarray, prompts: list[str]) -> dict[str, float] | None:
+    """Toy-world caption accuracy when every prompt is a toy-world caption; None otherwise."""
+    from ladd.models.toy.world import parse_caption
+
+    try:
+        for p in prompts:
+            parse_caption(p)
+    except ValueError:
+        return None
+    from ladd.models.toy.fidelity import caption_accuracy
+
+    return caption_accuracy(images, prompts)
+
+
+def summarize(per_seed: list[dict]) -> dict:
+    """One result row's metrics from per-eval-seed scores (see docs/evaluation.md for the meaning).
+
+    kid.mean is the mean over eval seeds of each seed's subset-mean KID. With ≥ 2 seeds kid.std is the
+    std over seeds (ddof 1) and n the number of seeds ("std_over": "seeds"); with one seed it is the
+    subset std and n the number of subsets ("std_over": "subsets"). `subset_std` is always the mean
+    subset std. latent_mse is from the paired seed (eval seed 0 = the references' own noise) only.
+    """
+    kids = np.array([s["kid"]["mean"] for s in per_seed])
+    subset_std = float(np.mean([s["kid"]["std"] for s in per_seed]))
+    if len(kids) >= 2:
+        kid = {"mean": float(kids.mean()), "std": float(kids.std(ddof=1)), "n": len(kids), "std_over": "seeds"}
+    else:
+        kid = {"mean": float(kids[0]), "std": subset_std, "n": per_seed[0]["kid"]["subsets"], "std_over": "subsets"}
+    kid.update(subset_std=subset_std, subset_size=per_seed[0]["kid"]["subset_size"],
+               subsets=per_seed[0]["kid"]["subsets"], per_seed=[float(k) for k in kids])
+    fids = np.array([s["fid"] for s in per_seed if s.get("fid") is not None])
+    fid = None
+    if len(fids):
+        fid = {"mean": float(fids.mean()), "std": float(fids.std(ddof=1)) if len(fids) > 1 else 0.0, "n": len(fids)}
+    paired = [s["latent_mse"] for s in per_seed if s.get("latent_mse") is not None]
+    caps = [s["caption_accuracy"] for s in per_seed if s.get("caption_accuracy") is not None]
+    caption = {k: float(np.mean([c[k] for c in caps])) for k in caps[0]} if caps else None
+    return {"kid": kid, "fid": fid, "latent_mse": paired[0] if paired else None, "caption_accuracy": caption,
+            "seeds": [s["seed"] for s in per_seed]}
+
+
+def save_png(image: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG")
+    return buf.getvalue()
