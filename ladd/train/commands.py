@@ -104,11 +104,12 @@ def doctor(cfg) -> list[tuple[str, bool, str]]:
     checks.append(("data manifest matches the teacher", True, str(Path(cfg.data.path))))
     man = read_manifest(cfg.data.path)
     lat = trainer.data[0]["latents"]
-    sig = teacher_sigmas(trainer.pipe.scheduler, man["steps"], image_seq_len(*lat.shape[-2:]))
+    sampling = man["sampling"]
+    sig = teacher_sigmas(trainer.pipe.scheduler, sampling["steps"], image_seq_len(*lat.shape[-2:]))
     clean = float(sig[-1]) == 0.0
     checks.append(("teacher references are clean (schedule reaches sigma 0)", clean,
-                   f"{man['steps']} steps end at sigma {float(sig[-1]):.3f}"))
-    checks.append(("teacher references use CFG", man["guidance"] > 0, f"guidance {man['guidance']}"))
+                   f"{sampling['steps']} steps end at sigma {float(sig[-1]):.3f}"))
+    checks.append(("teacher references use CFG", sampling["guidance"] > 0, f"guidance {sampling['guidance']}"))
     # One G-step on a throw-away copy of the student: gradients must be finite and non-zero.
     student = copy.deepcopy(trainer.student)
     models = LaddModels(student, trainer.teacher, trainer.disc)
