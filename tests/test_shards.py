@@ -112,7 +112,8 @@ def test_shuffle_is_deterministic_and_ranks_are_disjoint(data):
     assert not torch.equal(a.epoch_indices(0), ShardDataset(data[1], seed=4).epoch_indices(0))
     assert sorted(a.epoch_indices(0).tolist()) == list(range(7))
     for world in (2, 3):
-        parts = [ShardDataset(data[1], rank=r, world_size=world, seed=3).epoch_indices(0).tolist() for r in range(world)]
+        ranks = [ShardDataset(data[1], rank=r, world_size=world, seed=3) for r in range(world)]
+        parts = [ds.epoch_indices(0).tolist() for ds in ranks]
         assert all(len(p) == 7 // world for p in parts)  # equal counts: the remainder is dropped
         flat = [i for p in parts for i in p]
         assert len(set(flat)) == len(flat) == world * (7 // world)  # no overlap between ranks

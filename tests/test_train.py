@@ -270,3 +270,21 @@ def test_lora_student_run_checkpoints_adapters_only(world):
     assert result["step"] == 7
     after = load_weights(out / "checkpoints" / "step-00000007", "student")
     assert any(not torch.equal(after[k], weights[k]) for k in weights)
+
+
+def test_ema_and_text_dropout(world):
+    from ladd.train.loop import Trainer, train
+
+    out = world / "ema"
+    train(load_config(None, overrides(world, out, steps=4, **{"train.ema_decay": "0.5"})))
+    final = out / "checkpoints" / "step-00000004"
+    ema, raw = load_weights(final, "ema"), load_weights(final, "student")
+    init = build_tiny_pipeline(seed=2).transformer.state_dict()
+    k = "layers.0.attention.to_q.weight"
+    assert not torch.equal(ema[k], raw[k]) and not torch.equal(ema[k], init[k])
+    # Text dropout replaces the caption features *and* the disc conditioning with the empty prompt's.
+    trainer = Trainer(load_config(None, overrides(world, world / "drop", **{"data.text_dropout": "0.999"})))
+    (batch,) = trainer.next_micro_batches()
+    empty_feats, empty_cond = trainer.empty_caption()
+    assert all(torch.equal(c, empty_feats) for c in batch.cap_feats)
+    assert all(torch.equal(c, empty_cond) for c in batch.text_cond)

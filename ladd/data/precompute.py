@@ -99,6 +99,14 @@ def resolve_resolution(pipeline: str, resolution: int | None) -> int:
     return resolution
 
 
+def check_clip_folder(path: str) -> None:
+    folder = Path(path)
+    if not (folder / "config.json").is_file():
+        raise PrecomputeError(f"--clip {path}: no config.json (expected a CLIPTextModelWithProjection folder)")
+    if not any((folder / f).is_file() for f in ("tokenizer.json", "vocab.json", "tokenizer_config.json")):
+        raise PrecomputeError(f"--clip {path}: no CLIP tokenizer files next to the model")
+
+
 # --------------------------------------------------------------------------------------------------
 # the job's identity: the arguments that decide the bytes (not --batch-size, not the paths' spelling)
 
@@ -339,14 +347,6 @@ class Teacher:
         return written
 
 
-def check_clip_folder(path: str) -> None:
-    folder = Path(path)
-    if not (folder / "config.json").is_file():
-        raise PrecomputeError(f"--clip {path}: no config.json (expected a CLIPTextModelWithProjection folder)")
-    if not any((folder / f).is_file() for f in ("tokenizer.json", "vocab.json", "tokenizer_config.json")):
-        raise PrecomputeError(f"--clip {path}: no CLIP tokenizer files next to the model")
-
-
 def _load_clip(path: str, device: torch.device):
     from transformers import CLIPTextModelWithProjection, CLIPTokenizer
 
@@ -405,9 +405,7 @@ def _run(cfg, out: Path, resolution: int, prompts, ranks: _Ranks, t0: float) -> 
         (out / (entries[k]["file"] + ".tmp")).unlink(missing_ok=True)
     present = [(out / e["file"]).is_file() for e in entries]
     todo = [k for k in mine if not present[k]]
-    images_todo = [k for k in mine if any(not (out / fmt.IMAGES / fmt.image_name(i)).is_file()
-                                          for i in range(entries[k]["first"], min(
-                                              entries[k]["first"] + entries[k]["count"], manifest["decode_first"])))]
+    images_todo = [k for k in mine if _missing_images(out, entries[k], manifest["decode_first"])]
     if any(present):
         first_missing = present.index(False) if not all(present) else len(entries)
         ranks.print0(f"resuming: {sum(present)} of {len(entries)} shards already written "
@@ -446,7 +444,13 @@ def _run(cfg, out: Path, resolution: int, prompts, ranks: _Ranks, t0: float) -> 
     return summary
 
 
+def _missing_images(out: Path, entry: dict, decode_first: int) -> bool:
+    end = min(entry["first"] + entry["count"], decode_first)
+    return any(not (out / fmt.IMAGES / fmt.image_name(i)).is_file() for i in range(entry["first"], end))
+
+
 def _finalise(out: Path, manifest: dict) -> None:
+    """Rank 0, once every rank is done: checksums into the manifest, `complete: true`, atomically."""
     for e in manifest["shards"]:
         path, side = out / e["file"], out / (e["file"] + ".sha256")
         if not path.is_file():

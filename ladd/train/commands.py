@@ -87,12 +87,25 @@ def cmd_config_diff(args) -> int:
     return 1
 
 
+def reference_checks(trainer) -> list[tuple[str, bool, str]]:
+    """The teacher's references are clean (schedule reaches σ = 0) and were made with CFG (blog bugs 1, 2)."""
+    from ladd.data.shards import read_manifest
+    from ladd.flow import image_seq_len, teacher_sigmas
+
+    sampling = read_manifest(trainer.cfg.data.path)["sampling"]
+    lat = trainer.data[0]["latents"]
+    sig = teacher_sigmas(trainer.pipe.scheduler, sampling["steps"], image_seq_len(*lat.shape[-2:]))
+    return [
+        ("teacher references are clean (schedule reaches sigma 0)", float(sig[-1]) == 0.0,
+         f"{sampling['steps']} steps end at sigma {float(sig[-1]):.3f}"),
+        ("teacher references use CFG", sampling["guidance"] > 0, f"guidance {sampling['guidance']}"),
+    ]
+
+
 def doctor(cfg) -> list[tuple[str, bool, str]]:
     """(check, passed, detail) for each pre-flight check; also prints the plan."""
     import torch
 
-    from ladd.data.shards import read_manifest
-    from ladd.flow import image_seq_len, teacher_sigmas
     from ladd.train.loop import Trainer
     from ladd.train.step import generator_step, LaddModels, trainable
 
@@ -102,14 +115,7 @@ def doctor(cfg) -> list[tuple[str, bool, str]]:
     except ValueError as e:
         return [("config, data and teacher load and match", False, str(e))]
     checks.append(("data manifest matches the teacher", True, str(Path(cfg.data.path))))
-    man = read_manifest(cfg.data.path)
-    lat = trainer.data[0]["latents"]
-    sampling = man["sampling"]
-    sig = teacher_sigmas(trainer.pipe.scheduler, sampling["steps"], image_seq_len(*lat.shape[-2:]))
-    clean = float(sig[-1]) == 0.0
-    checks.append(("teacher references are clean (schedule reaches sigma 0)", clean,
-                   f"{sampling['steps']} steps end at sigma {float(sig[-1]):.3f}"))
-    checks.append(("teacher references use CFG", sampling["guidance"] > 0, f"guidance {sampling['guidance']}"))
+    checks += reference_checks(trainer)
     # One G-step on a throw-away copy of the student: gradients must be finite and non-zero.
     student = copy.deepcopy(trainer.student)
     models = LaddModels(student, trainer.teacher, trainer.disc)

@@ -188,6 +188,10 @@ class Trainer:
             (self.out / "config.toml").write_text(to_toml(cfg))
             (self.out / "config.json").write_text(json.dumps(to_dict(cfg), indent=1))
         print0(self.plan())
+        from ladd.train.commands import reference_checks  # the doctor's cheap checks, at every start
+
+        for name, ok, detail in reference_checks(self):
+            print0(f"[{'ok' if ok else 'WARNING'}] {name}: {detail}")
         validator = Validator(self, log_schedule=not resumed)
         log = MetricsLog(self.out, cfg.log, enabled=d.is_main)
         bar = tqdm(total=cfg.train.steps, initial=state.step, disable=not d.is_main, desc="train", unit="step")
