@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -37,8 +38,11 @@ class Dist:
         return self.world_size > 1
 
 
-def init() -> Dist:
-    """Read torchrun's environment; start the process group when there is more than one rank."""
+def init(timeout_hours: float | None = None) -> Dist:
+    """Read torchrun's environment; start the process group when there is more than one rank.
+
+    `timeout_hours` for jobs whose ranks meet rarely (precompute: hours of work between meetings).
+    """
     rank = int(os.environ.get("RANK", 0))
     world = int(os.environ.get("WORLD_SIZE", 1))
     local = int(os.environ.get("LOCAL_RANK", 0))
@@ -48,7 +52,8 @@ def init() -> Dist:
     else:
         device = torch.device("cpu")
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        kw = {"timeout": timedelta(hours=timeout_hours)} if timeout_hours else {}
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", **kw)
     return Dist(rank=rank, world_size=world, local_rank=local, device=device)
 
 
@@ -76,6 +81,23 @@ def any_rank(flag: bool, device: torch.device) -> bool:
     t = torch.tensor([1.0 if flag else 0.0], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item() > 0)
+
+
+def broadcast0(value: int, device: torch.device) -> int:
+    """Rank 0's integer, on every rank (e.g. rank 0's verdict on an output folder)."""
+    if not dist.is_initialized():
+        return value
+    t = torch.tensor([value], dtype=torch.int64, device=device)
+    dist.broadcast(t, src=0)
+    return int(t.item())
+
+
+def sum_over_ranks(values: list[int], device: torch.device) -> list[int]:
+    if not dist.is_initialized():
+        return values
+    t = torch.tensor(values, dtype=torch.int64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
 
 
 def mean_over_ranks(values: dict[str, float], device: torch.device) -> dict[str, float]:
@@ -160,3 +182,10 @@ def dcp_load(state: dict, path: str) -> None:
     import torch.distributed.checkpoint as dcp
 
     dcp.load(state, checkpoint_id=path)
+
+
+def dcp_load_keys(path: str, keys: set[str]) -> dict:
+    """Read the named top-level entries of a DCP checkpoint as plain tensors, in one process."""
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
+
+    return _load_state_dict_from_keys(keys=keys, checkpoint_id=path)

@@ -28,11 +28,11 @@ import os
 import sys
 import time
 from dataclasses import dataclass
-from datetime import timedelta
 from pathlib import Path
 
 import torch
 
+from ladd import distributed
 from ladd.data import shards as fmt
 from ladd.data.prompts import PromptFile, PromptFileError, read_prompts, token_lengths
 from ladd.models.loading import PipelineError, resolve_pipeline
@@ -197,48 +197,25 @@ def prepare_out(out: Path, job: dict, prompts: list[str]) -> bool:
 
 
 class _Ranks:
-    """RANK / WORLD_SIZE / LOCAL_RANK as torchrun sets them. Ranks meet twice: when rank 0 has
-    validated the output folder, and when every shard is written (then rank 0 writes the manifest)."""
+    """This job's view of the ranks (ladd.distributed does the talking). Ranks meet twice: when rank 0
+    has validated the output folder, and when every shard is written (then rank 0 writes the manifest)."""
 
     def __init__(self):
-        self.rank = int(os.environ.get("RANK", 0))
-        self.world = int(os.environ.get("WORLD_SIZE", 1))
-        local = int(os.environ.get("LOCAL_RANK", 0))
-        self.device = torch.device(f"cuda:{local}") if torch.cuda.is_available() else torch.device("cpu")
-        self._dist = None
-
-    def start(self) -> None:
-        if self.world > 1 and self._dist is None:
-            import torch.distributed as dist
-
-            if self.device.type == "cuda":
-                torch.cuda.set_device(self.device)
-            # Long timeout: between the two meetings a rank works through its shards (hours at scale).
-            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo", timeout=timedelta(hours=48))
-            self._dist = dist
+        # Long timeout: between the two meetings a rank works through its shards (hours at scale).
+        self.dist = distributed.init(timeout_hours=48)
+        self.rank, self.world, self.device = self.dist.rank, self.dist.world_size, self.dist.device
 
     def broadcast0(self, value: int) -> int:
-        if self._dist is None:
-            return value
-        t = torch.tensor([value], dtype=torch.int64, device=self.device)
-        self._dist.broadcast(t, src=0)
-        return int(t.item())
+        return distributed.broadcast0(value, self.device)
 
     def sum(self, values: list[int]) -> list[int]:
-        if self._dist is None:
-            return values
-        t = torch.tensor(values, dtype=torch.int64, device=self.device)
-        self._dist.all_reduce(t)
-        return t.tolist()
+        return distributed.sum_over_ranks(values, self.device)
 
     def stop(self) -> None:
-        if self._dist is not None:
-            self._dist.destroy_process_group()
-            self._dist = None
+        distributed.shutdown()
 
     def print0(self, *args, **kwargs) -> None:
-        if self.rank == 0:
-            print(*args, **{"flush": True, **kwargs})
+        distributed.print0(*args, **kwargs)
 
 
 class _Refused(PrecomputeError):
@@ -372,7 +349,6 @@ def run_precompute(cfg: PrecomputeConfig) -> PrecomputeSummary:
         raise PrecomputeError(str(err)) from None
 
     ranks = _Ranks()
-    ranks.start()
     try:
         return _run(cfg, out, resolution, prompts, ranks, t0)
     finally:

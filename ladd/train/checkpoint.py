@@ -136,13 +136,11 @@ def load_weights(path: str | Path, part: str = "student") -> dict[str, torch.Ten
 
     part: "student" / "ema" -> a `ZImageTransformer2DModel` state dict; "disc" -> the discriminator's.
     """
-    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
-
     path = Path(path)
     if not (path / "COMPLETE").is_file():
         raise FileNotFoundError(f"{path} is not a finished checkpoint (no COMPLETE marker)")
     key = {"student": "student.model", "disc": "disc.model", "ema": "ema"}[part]
-    sd = _load_state_dict_from_keys(keys={key}, checkpoint_id=str(path))
+    sd = distributed.dcp_load_keys(str(path), {key})
     for k in key.split("."):
         sd = sd[k]
     prefix = "transformer."
