@@ -183,11 +183,11 @@ def test_export_round_trip_matches_generate(world, tmp_path):
     assert not any(p.suffix in (".bin", ".pt", ".pth", ".pkl") for p in out.rglob("*"))  # safetensors only
 
 
-def test_export_refuses_lora_and_a_used_folder(world, tmp_path, capsys):
+def test_export_refuses_lora_of_a_full_student_and_a_used_folder(world, tmp_path, capsys):
     from ladd.cli import main
 
     assert main(["export", str(world / "run"), "--out", str(tmp_path / "x"), "--lora"]) == 2
-    assert "LoRA students land with the performance issue" in capsys.readouterr().err
+    assert "is a full student: export it as a pipeline folder (drop --lora)" in capsys.readouterr().err
     (tmp_path / "y").mkdir()
     (tmp_path / "y" / "file").write_text("")
     assert main(["export", str(world / "run"), "--out", str(tmp_path / "y")]) == 2

@@ -54,3 +54,45 @@ def test_g_step_changes_only_adapters(lora):
     changed = {k for k, v in tr.state_dict().items() if not torch.equal(v, snapshot[k])}
     assert changed and all("lora_" in k for k in changed)
     assert len(lora_state_dict(tr)) == len([k for k in tr.state_dict() if "lora_" in k])
+
+
+def test_lora_run_exports_a_pipeline_and_a_lora_file(tmp_path):
+    """A trained LoRA student: the exported folder and the LoRA file both reproduce it."""
+    from diffusers import ZImagePipeline
+
+    from ladd.config import load_config
+    from ladd.data.precompute import PrecomputeConfig, run_precompute
+    from ladd.eval.export import export_student
+    from ladd.eval.sample import load_sampler
+    from ladd.train.loop import train
+
+    build_tiny_pipeline(seed=2).save_pretrained(tmp_path / "tiny")
+    (tmp_path / "p.txt").write_text("a red circle\na blue square\na green triangle\nan orange circle\n")
+    run_precompute(PrecomputeConfig(pipeline=str(tmp_path / "tiny"), prompts=str(tmp_path / "p.txt"),
+                                    out=str(tmp_path / "data"), steps=4))
+    sets = {"model.pipeline": f'"{tmp_path / "tiny"}"', "data.path": f'"{tmp_path / "data"}"',
+            "train.out": f'"{tmp_path / "run"}"', "model.disc_layers": "[1, 5]", "model.disc_hidden": "64",
+            "model.disc_cond_dim": "64", "train.steps": "4", "optim.lr_g": "1e-2", "model.student": '"lora"',
+            "model.lora_rank": "4", "model.lora_alpha": "4.0", "validation.num_prompts": "2"}
+    train(load_config(None, [f"{k}={v}" for k, v in sets.items()]))
+
+    sampler = load_sampler("run", tmp_path / "run", steps=4, device="cpu", dtype="fp32")
+    prompts, seeds = ["a red circle", "a green square"], [3, 4]
+    ours = sampler.latents(prompts, seeds, 32)
+    teacher = load_sampler("untrained", tmp_path / "tiny", steps=4, device="cpu", dtype="fp32")
+    assert (ours - teacher.latents(prompts, seeds, 32)).abs().max() > 1e-4  # the adapters did learn
+
+    def pipe_latents(pipe):
+        pipe.set_progress_bar_config(disable=True)
+        return torch.cat([pipe(p, height=32, width=32, num_inference_steps=4, guidance_scale=0.0,
+                               generator=torch.Generator("cpu").manual_seed(s), output_type="latent").images
+                          for p, s in zip(prompts, seeds)])
+
+    export_student(tmp_path / "run", tmp_path / "folder")
+    assert (pipe_latents(ZImagePipeline.from_pretrained(tmp_path / "folder")) - ours).abs().max() <= 1e-5
+
+    export_student(tmp_path / "run", tmp_path / "lora", lora=True)
+    base = ZImagePipeline.from_pretrained(tmp_path / "tiny")
+    base.scheduler = ZImagePipeline.from_pretrained(tmp_path / "folder").scheduler  # shift 1: the student's
+    base.load_lora_weights(tmp_path / "lora")
+    assert (pipe_latents(base) - ours).abs().max() <= 1e-4

@@ -29,7 +29,6 @@ import torch
 from ladd.data.shards import teacher_fingerprint
 from ladd.eval.sample import (
     EXPORT_INFO,
-    LORA_LATER,
     find_checkpoint,
     run_teacher_dir,
     student_transformer,
@@ -44,13 +43,13 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 def export_student(run_or_checkpoint: str | Path, out: str | Path, *, ema: bool = False, dtype: str = "fp32",
                    lora: bool = False, overwrite: bool = False) -> Path:
     """Write the student of a run (latest checkpoint) or a checkpoint as a ZImagePipeline folder."""
-    if lora:
-        raise ValueError(f"a LoRA file export needs a LoRA student: {LORA_LATER}")
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise ValueError(f"--out {out} exists and is not empty (pass --overwrite to replace it)")
     ckpt = find_checkpoint(run_or_checkpoint)
     weights, config = student_weights(ckpt, ema)
+    if lora and config["model"].get("student") != "lora":
+        raise ValueError(f"{ckpt} is a full student: export it as a pipeline folder (drop --lora)")
     teacher_dir = run_teacher_dir(ckpt)
     pipe = load_pipeline(teacher_dir, "cpu", torch.float32)
     timesteps = [float(t) for t in config["method"]["student_timesteps"]]
@@ -60,7 +59,9 @@ def export_student(run_or_checkpoint: str | Path, out: str | Path, *, ema: bool 
 
     from diffusers import ZImagePipeline
 
-    student = student_transformer(pipe.transformer, weights, partial=ema).to(DTYPES[dtype])
+    if lora:
+        return export_lora(ckpt, weights, config, out, pipe)
+    student = student_transformer(pipe.transformer, weights, partial=ema, config=config).to(DTYPES[dtype])
     exported = ZImagePipeline(scheduler=student_scheduler(timesteps), vae=pipe.vae, text_encoder=pipe.text_encoder,
                               tokenizer=pipe.tokenizer, transformer=student)
     tmp = out.with_name(out.name + ".tmp")
@@ -84,4 +85,21 @@ def export_student(run_or_checkpoint: str | Path, out: str | Path, *, ema: bool 
               f"does not visit them — call {info['call']}")
     print(f"exported {ckpt} ({info['weights']} weights, step {step}) to {out}; use "
           f"ZImagePipeline.from_pretrained({str(out)!r}) then {info['call']}")
+    return out
+
+
+def export_lora(ckpt: Path, weights: dict, config: dict, out: Path, pipe) -> Path:
+    """A LoRA student's adapters as `pytorch_lora_weights.safetensors`, which
+    `ZImagePipeline.load_lora_weights(out)` applies to the teacher pipeline."""
+    from diffusers import ZImagePipeline
+
+    from ladd.models.lora import add_lora, lora_state_dict
+
+    add_lora(pipe.transformer, config["model"]["lora_rank"], config["model"]["lora_alpha"])
+    pipe.transformer.load_state_dict(weights, strict=False)
+    out.mkdir(parents=True, exist_ok=True)
+    ZImagePipeline.save_lora_weights(out, transformer_lora_layers=lora_state_dict(pipe.transformer),
+                                     safe_serialization=True)
+    print(f"exported the LoRA adapters of {ckpt} to {out}; use pipe.load_lora_weights({str(out)!r}) on the "
+          f"teacher pipeline, with scheduler shift 1 and guidance_scale=0.0")
     return out

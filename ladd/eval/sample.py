@@ -32,7 +32,6 @@ from ladd.models.zimage import ZImageAdapter
 from ladd.sampling import decode, euler_sample, initial_noise
 from ladd.train.checkpoint import Checkpointer, load_weights, read_config
 
-LORA_LATER = "LoRA students land with the performance issue"
 EXPORT_INFO = "ladd_export.json"  # written by `ladd export` beside model_index.json
 
 
@@ -129,31 +128,34 @@ def find_checkpoint(path: str | Path) -> Path:
     return latest
 
 
-def check_not_lora(config: dict, keys=()) -> None:
-    if config.get("model", {}).get("student") == "lora" or any("lora" in k for k in keys):
-        raise ValueError(f"this run trains a LoRA student: {LORA_LATER}")
-
-
 def student_weights(checkpoint: Path, ema: bool = False) -> tuple[dict[str, Tensor], dict]:
-    """(transformer state dict, resolved config) of a checkpoint; `ema` picks the EMA weights."""
+    """(transformer state dict, resolved config) of a checkpoint; `ema` picks the EMA weights.
+    For a LoRA student the dict holds only the adapter weights."""
     config = read_config(checkpoint)
-    check_not_lora(config)
     if ema and not config["train"].get("ema_decay", 0) > 0:
         raise ValueError(f"{checkpoint} was trained without EMA (train.ema_decay = 0): drop --ema")
-    weights = load_weights(checkpoint, "ema" if ema else "student")
-    check_not_lora(config, weights.keys())
-    return weights, config
+    return load_weights(checkpoint, "ema" if ema else "student"), config
 
 
-def student_transformer(teacher_transformer, weights: dict[str, Tensor], partial: bool = False):
+def student_transformer(teacher_transformer, weights: dict[str, Tensor], partial: bool = False,
+                        config: dict | None = None):
     """A copy of the teacher's transformer carrying the student's weights (EMA dicts may be partial:
-    only trained parameters are averaged, the frozen rest is the teacher's)."""
+    only trained parameters are averaged, the frozen rest is the teacher's). A LoRA student's adapters
+    are attached and merged into the copy's weights, so it runs at the teacher's speed."""
     model = copy.deepcopy(teacher_transformer)
+    lora = (config or {}).get("model", {}).get("student") == "lora"
+    if lora:
+        from ladd.models.lora import add_lora
+
+        add_lora(model, config["model"]["lora_rank"], config["model"]["lora_alpha"])
     missing, unexpected = model.load_state_dict(weights, strict=False)
-    if unexpected or (missing and not partial):
+    if unexpected or (missing and not (partial or lora)):
         raise ValueError(f"checkpoint weights do not fit the teacher's transformer: "
                          f"{len(missing)} missing (e.g. {missing[:2]}), {len(unexpected)} unexpected "
                          f"(e.g. {unexpected[:2]})")
+    if lora:
+        model.fuse_lora()
+        model.unload_lora()
     return model.requires_grad_(False).eval()
 
 
@@ -163,7 +165,7 @@ def run_sampler(pipe, run_or_checkpoint: str | Path, ema: bool = False, steps: i
     weights, config = student_weights(ckpt, ema)
     ts = few_step_timesteps(steps, config["method"]["student_timesteps"])
     step = json.loads((ckpt / "meta.json").read_text())["step"]
-    transformer = student_transformer(pipe.transformer, weights, partial=ema)
+    transformer = student_transformer(pipe.transformer, weights, partial=ema, config=config)
     label = f"{Path(run_or_checkpoint).name} step {step}{' ema' if ema else ''} ({steps} steps)"
     return Sampler(label, "student", pipe, ZImageAdapter(transformer), student_sigmas(ts),
                    info={"checkpoint": str(ckpt), "step": step, "ema": ema, "timesteps": ts})
