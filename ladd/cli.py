@@ -10,22 +10,6 @@ import argparse
 import os
 import sys
 
-# Commands whose issue has not landed yet: listed so `ladd --help` shows the whole tool, and each
-# says plainly that it is not there yet instead of doing something half-way.
-PLANNED = {
-    "precompute": ("teacher latents and conditioning, sharded and resumable", "precompute"),
-    "data": ("check a precomputed dataset", "precompute"),
-    "train": ("train a LADD student (1 CPU, 1 GPU or many)", "trainer"),
-    "doctor": ("check a training config before a run", "trainer"),
-    "config": ("show or diff resolved configs", "trainer"),
-    "eval": ("KID/FID and caption accuracy over seeds", "evaluation"),
-    "generate": ("few-step images from a run or an exported student", "evaluation"),
-    "export": ("write a diffusers ZImagePipeline folder with the student", "evaluation"),
-    "sweep": ("hyperparameter sweeps with seeds and statistics", "evaluation"),
-    "plan": ("per-GPU memory plan for a config", "performance"),
-}
-
-
 def cmd_toy_tiny(args: argparse.Namespace) -> int:
     from ladd.models.tiny import TinyConfig, build_tiny_pipeline
 
@@ -107,30 +91,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     for module in COMMAND_MODULES:
         importlib.import_module(module).add_parser(sub)
-    for name, (text, issue) in PLANNED.items():
-        if name in sub.choices:
-            continue
-        p = sub.add_parser(name, help=f"{text} [coming: {issue} issue]")
-        p.set_defaults(func=_planned(name, issue))
     return parser
-
-
-def _planned(name: str, issue: str):
-    def run(args: argparse.Namespace) -> int:
-        print(f"ladd {name}: not available yet (it lands with the {issue} issue)", file=sys.stderr)
-        return 2
-
-    return run
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
+    args = parser.parse_args(argv)
     if not hasattr(args, "func"):
         parser.print_help()
         return 0 if args.command is None else 2
-    if extra and args.func.__name__ != "run":
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError) as e:
