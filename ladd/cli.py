@@ -46,9 +46,19 @@ def cmd_toy_prompts(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from ladd.smoke import run_smoke
+    from ladd.models.loading import TOY_PIPELINE
 
-    run_smoke(seed=args.seed)
+    if args.smoke or (args.pipeline == "toy" and not TOY_PIPELINE.is_dir()):
+        from ladd.smoke import run_smoke
+
+        if not args.smoke:
+            print(f"ladd demo: the toy teacher is not shipped yet ({TOY_PIPELINE} is missing; `ladd toy build "
+                  f"--out {TOY_PIPELINE}` makes it) — running the foundation smoke run instead", file=sys.stderr)
+        run_smoke(seed=args.seed)
+        return 0
+    from ladd.demo import DemoConfig, run_demo
+
+    run_demo(DemoConfig(out=args.out, seeds=args.seeds, quick=args.quick, pipeline=args.pipeline))
     return 0
 
 
@@ -83,8 +93,13 @@ def build_parser() -> argparse.ArgumentParser:
     prompts.add_argument("--out", default="-", help="a .txt file, or - for stdout")
     prompts.set_defaults(func=cmd_toy_prompts)
 
-    demo = sub.add_parser("demo", help="end-to-end run on the embedded default (now: a tiny smoke run)")
-    demo.add_argument("--seed", type=int, default=0)
+    demo = sub.add_parser("demo", help="the whole mission on the toy world: precompute, distill, evaluate, report")
+    demo.add_argument("--out", default="runs/demo")
+    demo.add_argument("--seeds", type=int, default=5, help="LADD training seeds (mean ± std over them)")
+    demo.add_argument("--quick", action="store_true", help="one seed, a third of the steps")
+    demo.add_argument("--pipeline", default="toy")
+    demo.add_argument("--smoke", action="store_true", help="only the seconds-long foundation smoke run")
+    demo.add_argument("--seed", type=int, default=0, help="seed of the smoke run")
     demo.set_defaults(func=cmd_demo)
 
     import importlib

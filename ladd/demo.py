@@ -1,0 +1,251 @@
+"""`ladd demo`: the whole mission on the toy world, on a CPU — precompute, distill over seeds,
+evaluate with statistics, and write report.html + report.json.
+
+    ladd demo --out runs/demo --seeds 5        # what `make demo` runs
+    ladd demo --quick                          # one seed, fewer steps
+
+Stages are cached: a rerun skips finished precompute (the job itself says "nothing to do"), seeds
+whose run reached its last step, and evaluations already written beside each run.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import math
+import platform
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ladd.distributed import print0
+
+
+@dataclass(kw_only=True)
+class DemoConfig:
+    out: str = "runs/demo"
+    seeds: int = 5
+    quick: bool = False
+    pipeline: str = "toy"
+    config: str = "configs/toy.toml"
+    n_train: int = 512
+    n_eval: int = 256
+    steps: int | None = None  # training steps; default: the config's (quick: a third)
+    features: str = "inception"
+    subsets: int = 20
+    subset_size: int = 100
+    overrides: tuple[str, ...] = ()  # extra `section.key=value` for training
+
+    def __post_init__(self):
+        if self.quick:
+            self.seeds = 1
+
+
+def _stage(timings: dict, name: str):
+    class Timer:
+        def __enter__(self):
+            print0(f"== {name}")
+            self.t0 = time.perf_counter()
+
+        def __exit__(self, *exc):
+            timings[name] = round(timings.get(name, 0.0) + time.perf_counter() - self.t0, 1)
+
+    return Timer()
+
+
+def _mean_std(values: list[float]) -> dict:
+    n = len(values)
+    mean = sum(values) / n
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
+    return {"mean": mean, "std": std, "n": n}
+
+
+def run_demo(cfg: DemoConfig) -> dict:
+    from ladd.config import load_config
+    from ladd.data.precompute import PrecomputeConfig, run_precompute
+    from ladd.eval.commands import EvalConfig, evaluate
+    from ladd.models.toy import world
+    from ladd.train.checkpoint import Checkpointer
+    from ladd.train.loop import train
+
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    timings: dict[str, float] = {}
+    with _stage(timings, "prompts"):
+        for split, n in (("train", cfg.n_train), ("eval", cfg.n_eval)):
+            path = out / f"{split}.txt"
+            if not path.is_file():
+                path.write_text("\n".join(world.prompts(n, split, seed=0)) + "\n")
+    with _stage(timings, "precompute"):
+        for split in ("train", "eval"):
+            run_precompute(PrecomputeConfig(
+                pipeline=cfg.pipeline, prompts=str(out / f"{split}.txt"), out=str(out / "data" / split),
+                steps=50, guidance=5.0, batch_size=32, decode_first=cfg.n_eval if split == "eval" else 0))
+
+    base = load_config(cfg.config)
+    steps = cfg.steps or (max(base.train.steps // 3, 1) if cfg.quick else base.train.steps)
+    runs = []
+    for seed in range(cfg.seeds):
+        run = out / "runs" / f"seed-{seed}"
+        runs.append(run)
+        latest = Checkpointer(run / "checkpoints", None).latest()
+        if latest is not None and json.loads((latest / "meta.json").read_text())["step"] >= steps:
+            continue
+        with _stage(timings, "train"):
+            sets = [f'model.pipeline="{cfg.pipeline}"', f'data.path="{out / "data" / "train"}"',
+                    f'train.out="{run}"', f"train.seed={seed}", f"data.seed={seed}", f"train.steps={steps}",
+                    *cfg.overrides]
+            result = train(load_config(cfg.config, sets))
+            if result["stopped"]:
+                print0(f"seed {seed}: training stopped early ({result['stopped']})")
+
+    rows = []
+    with _stage(timings, "evaluate"):
+        for i, run in enumerate(runs):
+            cached = run / "eval.json"
+            if cached.is_file():
+                rows.append(json.loads(cached.read_text()))
+                continue
+            r = evaluate(EvalConfig(data=str(out / "data" / "eval"), source="run", path=str(run), teacher=i == 0,
+                                    features=cfg.features, subsets=cfg.subsets, subset_size=cfg.subset_size,
+                                    pipeline=cfg.pipeline))
+            cached.write_text(json.dumps(r, indent=1))
+            rows.append(r)
+    with _stage(timings, "report"):
+        report = summarize(rows, cfg, timings, steps)
+        report["grid"] = grid_png(cfg, out, runs[0])
+        (out / "report.json").write_text(json.dumps({k: v for k, v in report.items() if k != "grid"}, indent=1))
+        (out / "report.html").write_text(render_html(report, runs))
+    report["seconds"] = timings
+    (out / "report.json").write_text(json.dumps({k: v for k, v in report.items() if k != "grid"}, indent=1))
+    print0(headline(report))
+    print0(f"wrote {out / 'report.html'} and {out / 'report.json'}")
+    return report
+
+
+def summarize(rows: list[dict], cfg: DemoConfig, timings: dict, steps: int) -> dict:
+    """report.json's numbers: KID and caption accuracy over seeds, gap closed, significance."""
+    model = [r["rows"][0] for r in rows]
+    untrained, teacher = rows[0]["untrained"], rows[0].get("teacher") or {}
+    kid_ladd = _mean_std([m["kid"]["mean"] for m in model])
+    kid_u, kid_t = untrained["kid"]["mean"], teacher.get("kid", {}).get("mean", float("nan"))
+    se = kid_ladd["std"] / math.sqrt(kid_ladd["n"]) if kid_ladd["n"] > 1 else float("nan")
+    acc = [m.get("caption_accuracy") for m in model]
+
+    def acc_of(row):
+        return (row or {}).get("caption_accuracy", {}) or {}
+
+    report = {
+        "kid": {
+            "teacher": {"mean": kid_t, "std": teacher.get("kid", {}).get("std", float("nan")), "n": 1},
+            "untrained": {"mean": kid_u, "std": untrained["kid"].get("std", float("nan")), "n": 1},
+            "ladd": kid_ladd,
+            "ladd_subset_std": [m["kid"].get("subset_std", m["kid"].get("std")) for m in model],
+        },
+        "caption_accuracy": {
+            "teacher": acc_of(teacher).get("all"),
+            "untrained": acc_of(untrained).get("all"),
+            "ladd": _mean_std([a["all"] for a in acc]) if all(a for a in acc) else None,
+        },
+        "latent_mse": {"untrained": untrained.get("latent_mse"),
+                       "ladd": _mean_std([m["latent_mse"] for m in model if m.get("latent_mse") is not None])
+                       if any(m.get("latent_mse") is not None for m in model) else None},
+        "gap_closed": (kid_u - kid_ladd["mean"]) / (kid_u - kid_t) if kid_u != kid_t else float("nan"),
+        "ladd_vs_untrained_se": (kid_u - kid_ladd["mean"]) / se if se and se > 0 else float("nan"),
+        "train_steps": steps,
+        "config": {**asdict(cfg)},
+        "seconds": timings,
+        "machine": {"platform": platform.platform(), "processor": platform.processor(),
+                    "python": platform.python_version()},
+    }
+    return report
+
+
+def headline(r: dict) -> str:
+    k = r["kid"]
+    return (f"KID teacher {k['teacher']['mean']:.4f} | untrained {k['untrained']['mean']:.4f} | LADD "
+            f"{k['ladd']['mean']:.4f} ± {k['ladd']['std']:.4f} (n={k['ladd']['n']}); gap closed "
+            f"{r['gap_closed']:.2f}; (untrained − LADD) / SE = {r['ladd_vs_untrained_se']:.1f}")
+
+
+def grid_png(cfg: DemoConfig, out: Path, run: Path, n: int = 8) -> str:
+    """teacher 50 steps | untrained 4 steps | LADD 4 steps, same prompts and seeds, as base64 PNG."""
+    from PIL import Image
+
+    from ladd.eval.kid import load_references
+    from ladd.eval.sample import load_sampler
+
+    refs = load_references(out / "data" / "eval", limit=n)
+    res = refs.images.shape[1]
+    rows = [refs.images]
+    for source, path in (("untrained", cfg.pipeline), ("run", run)):
+        s = load_sampler(source, path, steps=4, device="cpu", dtype="fp32")
+        rows.append(s.images(s.latents(list(refs.prompts), list(refs.seeds), res)))
+    grid = np.concatenate([np.concatenate(list(r), axis=1) for r in rows], axis=0)
+    img = Image.fromarray(grid).resize((grid.shape[1] * 2, grid.shape[0] * 2), Image.NEAREST)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def curves_png(runs: list[Path]) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = ["d_loss", "g_loss", "logit_gap", "accuracy_real", "accuracy_fake", "val_latent_mse"]
+    fig, axes = plt.subplots(2, 3, figsize=(12, 6))
+    for run in runs:
+        rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        for ax, key in zip(axes.flat, keys):
+            pts = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), int | float)]
+            if pts:
+                ax.plot(*zip(*pts), label=run.name, lw=1)
+    for ax, key in zip(axes.flat, keys):
+        ax.set_title(key)
+        ax.set_xlabel("step")
+    axes.flat[0].legend(fontsize=7)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90)
+    plt.close(fig)
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def render_html(r: dict, runs: list[Path]) -> str:
+    def fmt(x):
+        return "—" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.4f}"
+
+    k, a = r["kid"], r["caption_accuracy"]
+    ladd_acc = a["ladd"] or {}
+    table = f"""
+<table>
+<tr><th></th><th>KID ↓ (mean ± std over seeds)</th><th>caption accuracy ↑</th><th>latent MSE to teacher ↓</th></tr>
+<tr><td>teacher, 50 steps, CFG 5 (noise floor)</td><td>{fmt(k['teacher']['mean'])}</td><td>{fmt(a['teacher'])}</td><td>—</td></tr>
+<tr><td>untrained student, 4 steps</td><td>{fmt(k['untrained']['mean'])}</td><td>{fmt(a['untrained'])}</td>
+<td>{fmt(r['latent_mse']['untrained'])}</td></tr>
+<tr><td>LADD student, 4 steps ({k['ladd']['n']} seeds)</td><td>{fmt(k['ladd']['mean'])} ± {fmt(k['ladd']['std'])}
+ <small>(subset std per seed: {', '.join(fmt(s) for s in k['ladd_subset_std'])})</small></td>
+<td>{fmt(ladd_acc.get('mean'))} ± {fmt(ladd_acc.get('std'))}</td>
+<td>{fmt((r['latent_mse']['ladd'] or {}).get('mean'))}</td></tr>
+</table>
+<p>gap closed (KID): <b>{fmt(r['gap_closed'])}</b> · (untrained − LADD) / standard error:
+<b>{fmt(r['ladd_vs_untrained_se'])}</b></p>"""
+    timing = "".join(f"<tr><td>{name}</td><td>{sec:.0f} s</td></tr>" for name, sec in r["seconds"].items())
+    return f"""<!doctype html><html><head><meta charset="utf-8"><title>ladd demo</title>
+<style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto}}table{{border-collapse:collapse}}
+td,th{{border:1px solid #ccc;padding:4px 8px}}img{{image-rendering:pixelated;max-width:100%}}</style></head><body>
+<h1>LADD on the toy world</h1>
+<p>{headline(r)}</p>
+<h2>Same prompts and seeds: teacher 50 steps | untrained 4 steps | LADD 4 steps (rows)</h2>
+<img src="data:image/png;base64,{r['grid']}">
+<h2>Metrics</h2>{table}
+<h2>Training curves</h2><img src="data:image/png;base64,{curves_png(runs)}">
+<h2>Stage timings</h2><table>{timing}</table>
+<h2>Configuration</h2><pre>{json.dumps(r['config'], indent=1)}</pre>
+<h2>Machine</h2><pre>{json.dumps(r['machine'], indent=1)}</pre>
+</body></html>"""
