@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from ladd.data.prompts import token_lengths
 from ladd.flow import interpolate, velocity_target
 from ladd.models.text import encode_prompts
 from ladd.models.tiny import TinyConfig, build_text_encoder, build_tokenizer, build_transformer, build_vae
@@ -140,16 +141,13 @@ def encode_captions(pipe, captions: list[str], chunk: int = 256) -> list[torch.T
     """encode_prompt in chunks, padded to the chunk's longest prompt rather than 512 tokens.
 
     Qwen3 is causal and the padding is on the right, so the real tokens' features do not depend on
-    the padding length (tests/test_toy_build.py pins it); 512-token padding made this the slowest stage.
+    the padding length (tests/test_toy_build.py pins it; precompute does the same); 512-token padding
+    made this the slowest stage.
     """
     out = []
     for i in range(0, len(captions), chunk):
         part = captions[i : i + chunk]
-        tok = pipe.tokenizer
-        texts = [tok.apply_chat_template([{"role": "user", "content": c}], tokenize=False,
-                                         add_generation_prompt=True, enable_thinking=True) for c in part]
-        longest = max(len(ids) for ids in tok(texts).input_ids)
-        out += encode_prompts(pipe, part, max_sequence_length=longest)
+        out += encode_prompts(pipe, part, max_sequence_length=max(token_lengths(pipe.tokenizer, part)))
     return out
 
 
