@@ -47,7 +47,12 @@ class Trainer:
         self.bf16 = cfg.train.mixed_precision == "bf16" or (
             cfg.train.mixed_precision == "auto" and d.device.type == "cuda"
         )
-        pipe = load_pipeline(self.pipeline_dir, d.device)
+        # Load in the teacher's dtype (bf16 on GPU: 12 GB for the 6B model, not 25). Only the transformer
+        # and the VAE (validation decodes) go to the device; the text encoder (8 GB for Z-Image's Qwen3)
+        # stays on the CPU: training reads precomputed caption features and encodes only "" for dropout.
+        pipe = load_pipeline(self.pipeline_dir, "cpu", torch.bfloat16 if self.bf16 else torch.float32)
+        pipe.transformer.to(d.device)
+        pipe.vae.to(d.device)
         self.pipe = pipe
         # The teacher only runs forwards: keep it in bf16 on GPU (half the memory, no accuracy cost
         # that matters for features); the student keeps fp32 master weights.
@@ -55,8 +60,6 @@ class Trainer:
             # One copy of the weights: the student is the transformer with adapters on, the teacher
             # the same module with them off. Base in bf16 on GPU, adapters fp32 (trainable).
             tr = pipe.transformer
-            if self.bf16:
-                tr.to(torch.bfloat16)
             add_lora(tr, cfg.model.lora_rank, cfg.model.lora_alpha)
             for p in tr.parameters():
                 if p.requires_grad:
@@ -65,8 +68,6 @@ class Trainer:
         else:
             self.teacher = ZImageAdapter(pipe.transformer)
             self.student = ZImageAdapter(copy.deepcopy(pipe.transformer).float().requires_grad_(True)).train()
-            if self.bf16:
-                self.teacher.to(torch.bfloat16)
         self.student.gradient_checkpointing = cfg.model.gradient_checkpointing
         self.data = ShardDataset(cfg.data.path, d.rank, d.world_size, cfg.data.seed,
                                  expect_fingerprint=teacher_fingerprint(self.pipeline_dir))
@@ -159,7 +160,7 @@ class Trainer:
         if self.cfg.model.text_cond == "clip":
             raise ConfigError("data.text_dropout with model.text_cond = 'clip' needs an empty-prompt CLIP "
                               "embedding, which the data does not carry; use text_cond = 'pooled'")
-        feats = encode_prompts(self.pipe, [""], device=self.dist.device)
+        feats = [f.to(self.dist.device) for f in encode_prompts(self.pipe, [""], device="cpu")]
         return feats[0], pooled(feats)[0]
 
     def set_lr(self) -> tuple[float, float]:
