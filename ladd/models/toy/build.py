@@ -10,7 +10,7 @@ Stages (each timed, with a progress bar):
      target v = ε − x0), with caption dropout to the empty prompt so CFG works;
   5. save a `ZImagePipeline` folder (safetensors) plus `build.json` (config, losses, PSNR, seconds).
 
-    ladd toy build --out assets/toy-zimage            # ~25 min on 2 CPU cores
+    ladd toy build --out assets/toy-zimage            # ~32 min on 2 CPU cores (see docs/toy-world.md)
     ladd toy build --out /tmp/toy --quick             # a 1-minute smoke build
 """
 
@@ -44,7 +44,7 @@ class ToyBuildConfig:
     n_images: int = 16384  # fixed training set (train-split captions only)
     # VAE: three levels -> downsampling factor 4 -> 16×16×16 latents -> 8×8 image tokens
     vae_channels: tuple[int, ...] = (16, 32, 32)
-    vae_steps: int = 1500
+    vae_steps: int = 800
     vae_batch: int = 32
     vae_lr: float = 1e-3
     vae_kl: float = 1e-6
@@ -55,7 +55,7 @@ class ToyBuildConfig:
     n_heads: int = 4
     axes_dims: tuple[int, int, int] = (8, 12, 12)
     text_hidden: int = 64
-    steps: int = 6000
+    steps: int = 2500  # ~26 min on 2 cores (docs/toy-world.md: not yet enough for objects)
     batch: int = 32
     lr: float = 5e-4
     warmup: int = 200
