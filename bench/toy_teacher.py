@@ -19,9 +19,10 @@ import numpy as np
 import torch
 
 from ladd.flow import image_seq_len, teacher_sigmas
-from ladd.models.loading import load_pipeline
+from ladd.models.loading import load_pipeline, resolve_pipeline
 from ladd.models.text import encode_prompts
 from ladd.models.toy import world
+from ladd.models.toy.build import scene_kwargs
 from ladd.models.toy.fidelity import caption_accuracy
 from ladd.models.zimage import ZImageAdapter
 from ladd.sampling import decode, euler_sample, initial_noise
@@ -59,7 +60,10 @@ def main() -> None:
     torch.set_num_threads(2)
     pipe = load_pipeline(args.pipeline)
     adapter = ZImageAdapter(pipe.transformer)
-    prompts = world.prompts(args.n, "eval", seed=123)
+    # Eval prompts from the same world the teacher was built on (build.json records its knobs).
+    build = Path(str(resolve_pipeline(args.pipeline))) / "build.json"
+    scene = scene_kwargs(json.loads(build.read_text())["config"]) if build.is_file() else {}
+    prompts = world.prompts(args.n, "eval", seed=123, **scene)
     seeds = list(range(args.n))
     result: dict = {"n": args.n}
     sets = {}

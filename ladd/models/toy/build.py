@@ -41,6 +41,8 @@ class ToyBuildConfig:
     threads: int = 2
     image_size: int = 64
     max_objects: int = 3
+    pattern_prob: float = 0.4  # share of striped / dotted objects
+    diameter_range: tuple[float, float] = (0.2, 0.4)  # object size, as a fraction of the image side
     n_images: int = 16384  # fixed training set (train-split captions only)
     # VAE: three levels -> downsampling factor 4 -> 16×16×16 latents -> 8×8 image tokens
     vae_channels: tuple[int, ...] = (16, 32, 32)
@@ -203,7 +205,7 @@ def build_toy(out: str | Path, cfg: ToyBuildConfig | None = None) -> dict:
     gen = torch.Generator().manual_seed(cfg.seed)
     t0 = time.perf_counter()
 
-    images, captions = world.make_batch(cfg.n_images, seed=cfg.seed, size=cfg.image_size, max_objects=cfg.max_objects)
+    images, captions = world.make_batch(cfg.n_images, seed=cfg.seed, size=cfg.image_size, **scene_kwargs(cfg))
     report["seconds"]["render"] = time.perf_counter() - t0
 
     t = time.perf_counter()
@@ -252,6 +254,13 @@ def build_toy(out: str | Path, cfg: ToyBuildConfig | None = None) -> dict:
     (out / "build.json").write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {out} in {report['seconds']['total'] / 60:.1f} min")
     return report
+
+
+def scene_kwargs(cfg: ToyBuildConfig | dict) -> dict:
+    """The world knobs of a build (its config or build.json's), for drawing matching prompts."""
+    c = cfg if isinstance(cfg, dict) else asdict(cfg)
+    return {"max_objects": c.get("max_objects", 3), "pattern_prob": c.get("pattern_prob", 0.4),
+            "diameter_range": tuple(c.get("diameter_range", (0.2, 0.4)))}
 
 
 def quick_config(**overrides) -> ToyBuildConfig:
