@@ -14,7 +14,6 @@ import dataclasses
 import difflib
 import json
 import tomllib
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -237,9 +236,7 @@ def _coerce(value, hint, where: str):
         inner = args[0] if args else object
         items = [_coerce(v, inner, where) if inner in (int, float, str, bool) else v for v in value]
         return tuple(items) if origin is tuple else items
-    if origin in (types.UnionType, typing.Union):
-        return value
-    return value
+    return value  # unions and nested types: checked by the section's __post_init__
 
 
 def _parse_value(text: str):

@@ -115,12 +115,10 @@ def run_demo(cfg: DemoConfig) -> dict:
             cached.write_text(json.dumps(r, indent=1))
             rows.append(r)
     with _stage(timings, "report"):
-        report = summarize(rows, cfg, timings, steps)
-        report["grid"] = grid_png(cfg, out, runs[0])
-        (out / "report.json").write_text(json.dumps({k: v for k, v in report.items() if k != "grid"}, indent=1))
-        (out / "report.html").write_text(render_html(report, runs))
-    report["seconds"] = timings
-    (out / "report.json").write_text(json.dumps({k: v for k, v in report.items() if k != "grid"}, indent=1))
+        report = summarize(rows, cfg, timings, steps)  # holds `timings` itself: the report stage lands too
+        grid = grid_png(cfg, out, runs[0])
+        (out / "report.html").write_text(render_html(report, grid, runs))
+    (out / "report.json").write_text(json.dumps(report, indent=1))
     print0(headline(report))
     print0(f"wrote {out / 'report.html'} and {out / 'report.json'}")
     return report
@@ -216,7 +214,7 @@ def curves_png(runs: list[Path]) -> str:
     return base64.b64encode(buf.getvalue()).decode()
 
 
-def render_html(r: dict, runs: list[Path]) -> str:
+def render_html(r: dict, grid: str, runs: list[Path]) -> str:
     def fmt(x):
         return "—" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.4f}"
 
@@ -242,7 +240,7 @@ td,th{{border:1px solid #ccc;padding:4px 8px}}img{{image-rendering:pixelated;max
 <h1>LADD on the toy world</h1>
 <p>{headline(r)}</p>
 <h2>Same prompts and seeds: teacher 50 steps | untrained 4 steps | LADD 4 steps (rows)</h2>
-<img src="data:image/png;base64,{r['grid']}">
+<img src="data:image/png;base64,{grid}">
 <h2>Metrics</h2>{table}
 <h2>Training curves</h2><img src="data:image/png;base64,{curves_png(runs)}">
 <h2>Stage timings</h2><table>{timing}</table>

@@ -116,7 +116,7 @@ def teacher_sigmas(
     return sched.sigmas.clone()
 
 
-def student_scheduler(timesteps: Sequence[float] = (1.0, 0.75, 0.5, 0.25)) -> FlowMatchEulerDiscreteScheduler:
+def student_scheduler() -> FlowMatchEulerDiscreteScheduler:
     """A scheduler whose default N-step call visits exactly the student's training timesteps.
 
     With shift = 1 the scheduler leaves sigmas unshifted, and ZImagePipeline's default sigmas for N
@@ -128,7 +128,7 @@ def student_scheduler(timesteps: Sequence[float] = (1.0, 0.75, 0.5, 0.25)) -> Fl
 
 def student_sigmas(timesteps: Sequence[float] = (1.0, 0.75, 0.5, 0.25), device=None) -> Tensor:
     """σ schedule for few-step student inference: the training timesteps, then 0."""
-    sched = student_scheduler(timesteps)
+    sched = student_scheduler()
     sched.set_timesteps(sigmas=list(timesteps), device=device)
     return sched.sigmas.clone()
 

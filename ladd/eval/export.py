@@ -62,7 +62,7 @@ def export_student(run_or_checkpoint: str | Path, out: str | Path, *, ema: bool 
     if lora:
         return export_lora(ckpt, weights, config, out, pipe)
     student = student_transformer(pipe.transformer, weights, partial=ema, config=config).to(DTYPES[dtype])
-    exported = ZImagePipeline(scheduler=student_scheduler(timesteps), vae=pipe.vae, text_encoder=pipe.text_encoder,
+    exported = ZImagePipeline(scheduler=student_scheduler(), vae=pipe.vae, text_encoder=pipe.text_encoder,
                               tokenizer=pipe.tokenizer, transformer=student)
     tmp = out.with_name(out.name + ".tmp")
     if tmp.exists():

@@ -12,7 +12,7 @@ CPU example:
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
@@ -166,7 +166,3 @@ def _randomize_zero_inits(transformer: ZImageTransformer2DModel) -> None:
         for layer in transformer.all_final_layer.values():
             if layer.linear.weight.abs().sum() == 0:
                 layer.linear.weight.copy_(torch.randn(layer.linear.weight.shape, generator=g) * 0.02)
-
-
-def config_dict(cfg: TinyConfig) -> dict:
-    return asdict(cfg)
