@@ -28,6 +28,7 @@ from ladd.flow import interpolate, logit_normal, x0_from_velocity
 from ladd.models.discriminator import Discriminator
 from ladd.models.tiny import TinyConfig, build_transformer
 from ladd.models.zimage import ZImageAdapter
+from ladd.train.loop import build_optimizer
 from ladd.train.step import Batch, LaddModels, ladd_step, trainable
 
 CONFIGS = {
@@ -147,8 +148,9 @@ def main() -> None:
     cfg = MethodConfig()
     for name in args.configs:
         models, b = setup(name, args.batch)
-        opt_g = torch.optim.AdamW(trainable(models.student), lr=1e-6)
-        opt_d = torch.optim.AdamW(trainable(models.disc), lr=1e-6)
+        # the trainer's optimizers (fused AdamW), for the cycle and the straightforward loop alike
+        opt_g = build_optimizer(trainable(models.student), 1e-6, (0.9, 0.999), 0.0)
+        opt_d = build_optimizer(trainable(models.disc), 1e-6, (0.9, 0.999), 0.0)
         rng = torch.Generator().manual_seed(0)
         cycle = timeit(lambda: [ladd_step(models, opt_g, opt_d, [b], s, cfg, rng)
                                 for s in range(cfg.gen_update_interval)], args.repeats)

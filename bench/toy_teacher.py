@@ -19,10 +19,11 @@ import numpy as np
 import torch
 
 from ladd.flow import image_seq_len, teacher_sigmas
-from ladd.models.loading import load_pipeline, resolve_pipeline
+from ladd.images import tile, write_png
+from ladd.models.loading import load_pipeline
 from ladd.models.text import encode_prompts
 from ladd.models.toy import world
-from ladd.models.toy.build import scene_kwargs
+from ladd.models.toy.build import pipeline_world
 from ladd.models.toy.fidelity import caption_accuracy
 from ladd.models.zimage import ZImageAdapter
 from ladd.sampling import decode, euler_sample, initial_noise
@@ -61,9 +62,7 @@ def main() -> None:
     pipe = load_pipeline(args.pipeline)
     adapter = ZImageAdapter(pipe.transformer)
     # Eval prompts from the same world the teacher was built on (build.json records its knobs).
-    build = Path(str(resolve_pipeline(args.pipeline))) / "build.json"
-    scene = scene_kwargs(json.loads(build.read_text())["config"]) if build.is_file() else {}
-    prompts = world.prompts(args.n, "eval", seed=123, **scene)
+    prompts = world.prompts(args.n, "eval", seed=123, **pipeline_world(args.pipeline))
     seeds = list(range(args.n))
     result: dict = {"n": args.n}
     sets = {}
@@ -81,9 +80,7 @@ def main() -> None:
         acc = caption_accuracy(imgs, prompts)
         result[name] = {k: round(v, 4) for k, v in acc.items()} | {"seconds": round(time.perf_counter() - t0, 1)}
         if args.grid:
-            from PIL import Image
-
-            Image.fromarray(world.sample_grid(imgs[:32], cols=8)).save(Path(args.grid) / f"toy-teacher-{name}.png")
+            write_png(tile(imgs[:32], cols=8, upscale=2), Path(args.grid) / f"toy-teacher-{name}.png")
     for name in ("teacher50_cfg_reseeded", "unguided4", "unguided2", "unguided1", "cfg4"):
         k = kid(sets[name], sets["teacher50_cfg"])
         if k is not None:

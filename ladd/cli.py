@@ -33,9 +33,10 @@ def cmd_toy_build(args: argparse.Namespace) -> int:
 
 
 def cmd_toy_prompts(args: argparse.Namespace) -> int:
+    from ladd.models.toy.build import pipeline_world
     from ladd.models.toy.world import prompts
 
-    lines = "\n".join(prompts(args.n, args.split, seed=args.seed)) + "\n"
+    lines = "\n".join(prompts(args.n, args.split, seed=args.seed, **pipeline_world(args.pipeline))) + "\n"
     if args.out == "-":
         sys.stdout.write(lines)
     else:
@@ -91,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     prompts.add_argument("--split", choices=("train", "eval"), default="train")
     prompts.add_argument("--seed", type=int, default=0)
     prompts.add_argument("--out", default="-", help="a .txt file, or - for stdout")
+    prompts.add_argument("--pipeline", default="toy", help="draw from the world this toy pipeline was built on")
     prompts.set_defaults(func=cmd_toy_prompts)
 
     demo = sub.add_parser("demo", help="the whole mission on the toy world: precompute, distill, evaluate, report")

@@ -68,6 +68,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     from ladd.data.precompute import PrecomputeConfig, run_precompute
     from ladd.eval.commands import EvalConfig, evaluate
     from ladd.models.toy import world
+    from ladd.models.toy.build import pipeline_world
     from ladd.train.checkpoint import Checkpointer
     from ladd.train.loop import train
 
@@ -75,10 +76,11 @@ def run_demo(cfg: DemoConfig) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
     with _stage(timings, "prompts"):
+        scene = pipeline_world(cfg.pipeline)  # the teacher's own world (build.json)
         for split, n in (("train", cfg.n_train), ("eval", cfg.n_eval)):
             path = out / f"{split}.txt"
             if not path.is_file():
-                path.write_text("\n".join(world.prompts(n, split, seed=0)) + "\n")
+                path.write_text("\n".join(world.prompts(n, split, seed=0, **scene)) + "\n")
     with _stage(timings, "precompute"):
         for split in ("train", "eval"):
             run_precompute(PrecomputeConfig(
@@ -175,6 +177,7 @@ def grid_png(cfg: DemoConfig, out: Path, run: Path, n: int = 8) -> str:
 
     from ladd.eval.kid import load_references
     from ladd.eval.sample import load_sampler
+    from ladd.images import tile
 
     refs = load_references(out / "data" / "eval", limit=n)
     res = refs.images.shape[1]
@@ -182,10 +185,9 @@ def grid_png(cfg: DemoConfig, out: Path, run: Path, n: int = 8) -> str:
     for source, path in (("untrained", cfg.pipeline), ("run", run)):
         s = load_sampler(source, path, steps=4, device="cpu", dtype="fp32")
         rows.append(s.images(s.latents(list(refs.prompts), list(refs.seeds), res)))
-    grid = np.concatenate([np.concatenate(list(r), axis=1) for r in rows], axis=0)
-    img = Image.fromarray(grid).resize((grid.shape[1] * 2, grid.shape[0] * 2), Image.NEAREST)
+    grid = tile(np.concatenate(rows), cols=len(rows[0]), upscale=2)
     buf = io.BytesIO()
-    img.save(buf, format="PNG")
+    Image.fromarray(grid).save(buf, format="PNG")
     return base64.b64encode(buf.getvalue()).decode()
 
 

@@ -233,9 +233,9 @@ def generate(source: str, path: str, prompts: list[str], seeds: list[int], out: 
     (out / "prompts.jsonl").write_text("".join(json.dumps({"prompt": p, "seed": sd}) + "\n"
                                                for p, sd in zip(prompts, seeds)))
     if grid:
-        from ladd.train.validation import save_grid
+        from ladd.images import tile, write_png
 
-        save_grid(torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255, out / "grid.png")
+        write_png(tile(images), out / "grid.png")
     print(f"wrote {len(images)} images ({s.label}, guidance {guidance:g}) to {out}")
     return latents
 

@@ -84,9 +84,9 @@ class Trainer:
             if cfg.train.teacher_sharded:
                 distributed.shard_adapter(self.teacher, False)
         self.models = LaddModels(self.student, self.teacher, self.disc)
-        self.opt_g = _optimizer(trainable(self.student), cfg.optim.lr_g, cfg.optim.betas_g,
+        self.opt_g = build_optimizer(trainable(self.student), cfg.optim.lr_g, cfg.optim.betas_g,
                                 cfg.optim.weight_decay_g, cfg.optim.optimizer)
-        self.opt_d = _optimizer(trainable(self.disc), cfg.optim.lr_d, cfg.optim.betas_d,
+        self.opt_d = build_optimizer(trainable(self.disc), cfg.optim.lr_d, cfg.optim.betas_d,
                                 cfg.optim.weight_decay_d, "adamw")
         self.ema = ({n: p.detach().clone() for n, p in self.student.named_parameters() if p.requires_grad}
                     if cfg.train.ema_decay > 0 else None)
@@ -274,7 +274,8 @@ class Trainer:
                 f"{'bf16' if self.bf16 else 'fp32'}; G every {cfg.method.gen_update_interval} steps")
 
 
-def _optimizer(params, lr, betas, weight_decay, kind: str) -> torch.optim.Optimizer:
+def build_optimizer(params, lr, betas, weight_decay, kind: str = "adamw") -> torch.optim.Optimizer:
+    """AdamW (fused: one kernel for all parameters instead of a dozen per tensor) or bitsandbytes' 8-bit AdamW."""
     if kind == "adamw8bit":
         try:
             import bitsandbytes as bnb
@@ -282,7 +283,7 @@ def _optimizer(params, lr, betas, weight_decay, kind: str) -> torch.optim.Optimi
             raise ConfigError("optim.optimizer = 'adamw8bit' needs bitsandbytes (CUDA): pip install bitsandbytes")
 
         return bnb.optim.AdamW8bit(params, lr=lr, betas=betas, weight_decay=weight_decay)
-    return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay)
+    return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay, fused=True)
 
 
 def _peak_mem_gb(device: torch.device) -> float:

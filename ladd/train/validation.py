@@ -11,29 +11,18 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from ladd import distributed
 from ladd.distributed import print0
 from ladd.flow import interpolate, student_sigmas, teacher_sigmas, image_seq_len
+from ladd.images import tile, to_uint8, write_png
 from ladd.sampling import decode, euler_sample
 
 
 def save_grid(images: torch.Tensor, path: Path, cols: int = 8) -> None:
     """(N, 3, H, W) images in [0, 1] -> one PNG, row-major."""
-    from PIL import Image
-
-    n, _, h, w = images.shape
-    cols = min(cols, n)
-    rows = math.ceil(n / cols)
-    grid = np.full((rows * (h + 2) + 2, cols * (w + 2) + 2, 3), 255, np.uint8)
-    arr = (images.clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
-    for i, im in enumerate(arr):
-        r, c = divmod(i, cols)
-        grid[2 + r * (h + 2) : 2 + r * (h + 2) + h, 2 + c * (w + 2) : 2 + c * (w + 2) + w] = im
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(grid).save(path)
+    write_png(tile(to_uint8(images), cols), path)
 
 
 class Validator:

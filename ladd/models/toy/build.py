@@ -57,9 +57,10 @@ class ToyBuildConfig:
     n_heads: int = 4
     axes_dims: tuple[int, int, int] = (8, 12, 12)
     text_hidden: int = 64
-    steps: int = 2500  # ~26 min on 2 cores (docs/toy-world.md: not yet enough for objects)
-    batch: int = 32
-    lr: float = 5e-4
+    steps: int = 5000
+    batch: int = 16  # more, smaller updates learn the world faster per sample (docs/toy-world.md)
+    lr: float = 1e-3
+    sigma_mean: float = 0.5  # σ ~ logit-normal(sigma_mean, 1): leans to high noise, where layout is decided
     warmup: int = 200
     caption_dropout: float = 0.1
     ema: float = 0.999
@@ -168,8 +169,8 @@ def train_transformer(
         idx = torch.randint(len(latents), (cfg.batch,), generator=gen)
         x0 = latents[idx]
         eps = torch.randn(x0.shape, generator=gen)
-        # σ ~ logit-normal(0, 1) like SD3 / Z-Image training, plus 10 % uniform for the ends.
-        sigma = torch.sigmoid(torch.randn(cfg.batch, generator=gen))
+        # σ ~ logit-normal(sigma_mean, 1) as in SD3 / Z-Image training, plus 10 % uniform for the ends.
+        sigma = torch.sigmoid(cfg.sigma_mean + torch.randn(cfg.batch, generator=gen))
         uniform = torch.rand(cfg.batch, generator=gen)
         sigma = torch.where(torch.rand(cfg.batch, generator=gen) < 0.1, uniform, sigma)
         drop = torch.rand(cfg.batch, generator=gen) < cfg.caption_dropout
@@ -261,6 +262,18 @@ def scene_kwargs(cfg: ToyBuildConfig | dict) -> dict:
     c = cfg if isinstance(cfg, dict) else asdict(cfg)
     return {"max_objects": c.get("max_objects", 3), "pattern_prob": c.get("pattern_prob", 0.4),
             "diameter_range": tuple(c.get("diameter_range", (0.2, 0.4)))}
+
+
+def pipeline_world(pipeline: str | Path = "toy") -> dict:
+    """The world knobs a toy pipeline was built on (its build.json; else this build's defaults).
+
+    Prompts for training and evaluation must come from the teacher's own world: a one-object teacher
+    asked for three objects is being tested on something it never saw.
+    """
+    from ladd.models.loading import TOY_PIPELINE
+
+    path = (TOY_PIPELINE if str(pipeline) == "toy" else Path(pipeline)) / "build.json"
+    return scene_kwargs(json.loads(path.read_text())["config"] if path.is_file() else ToyBuildConfig())
 
 
 def quick_config(**overrides) -> ToyBuildConfig:

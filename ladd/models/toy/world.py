@@ -334,26 +334,15 @@ def make_batch(
     return images, captions
 
 
-def sample_grid(images: np.ndarray, cols: int = 8, upscale: int = 2, pad: int = 2) -> np.ndarray:
-    """Tile (n, H, W, 3) images into one uint8 picture with white gutters, nearest-upscaled."""
-    n, h, w, _ = images.shape
-    rows = math.ceil(n / cols)
-    grid = np.full((rows * (h + pad) + pad, cols * (w + pad) + pad, 3), 255, np.uint8)
-    for i, im in enumerate(images):
-        r, c = divmod(i, cols)
-        grid[pad + r * (h + pad) : pad + r * (h + pad) + h, pad + c * (w + pad) : pad + c * (w + pad) + w] = im
-    return grid.repeat(upscale, 0).repeat(upscale, 1)
-
-
 def _main() -> None:
     ap = argparse.ArgumentParser(description="Toy-world sample grid and rendering speed.")
     ap.add_argument("--grid", default="docs/img/toy-world-samples.png")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
-    from PIL import Image
+    from ladd.images import tile, write_png
 
     images, captions = make_batch(64, args.seed, split=None)
-    Image.fromarray(sample_grid(images)).save(args.grid)
+    write_png(tile(images, upscale=2), args.grid)
     print(f"wrote {args.grid}; first captions:", *captions[:8], sep="\n  ")
     rng = np.random.default_rng(1)
     scenes = [sample_scene(rng) for _ in range(2000)]
