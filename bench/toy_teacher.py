@@ -1,8 +1,8 @@
 """How good is the toy teacher, and how much do few steps lose? (the toy-world issue's targets)
 
 Samples held-out eval prompts with the teacher at 50 steps + CFG 5 and unguided at 1, 2 and 4 steps,
-decodes them, and measures caption accuracy (ladd.models.toy.fidelity) and, when the evaluation
-module is installed, KID against the 50-step samples — next to the KID between two 50-step sets drawn
+decodes them, and measures caption accuracy (ladd.models.toy.fidelity) and KID (Inception features,
+ladd.eval) against the 50-step samples — next to the KID between two 50-step sets drawn
 with different seeds (the noise floor). Prints one JSON line and writes image grids.
 
     python bench/toy_teacher.py --pipeline assets/toy-zimage --n 256 --grid docs/img
@@ -43,12 +43,14 @@ def sample_images(pipe, adapter, prompts, seeds, steps, guidance, batch=64) -> n
     return np.concatenate(out)
 
 
-def kid(a: np.ndarray, b: np.ndarray) -> dict | None:
-    try:
-        from ladd.eval.kid import kid_between_images  # the evaluation issue's module
-    except ImportError:
-        return None
-    return kid_between_images(a, b)
+def kid_vs(reference: np.ndarray, sets: dict[str, np.ndarray], features: str) -> dict[str, dict]:
+    """KID (Inception features, 50 subsets of 100) of each set against the reference set."""
+    from ladd.eval.features import build_extractor, extract_features
+    from ladd.eval.kid import kid_score
+
+    extractor = build_extractor(features)
+    ref = extract_features(extractor, reference)
+    return {name: kid_score(ref, extract_features(extractor, imgs)) for name, imgs in sets.items()}
 
 
 def main() -> None:
@@ -57,6 +59,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=256)
     ap.add_argument("--guidance", type=float, default=5.0)
     ap.add_argument("--grid", default=None, help="folder for PNG grids")
+    ap.add_argument("--features", default="inception", help="KID features: inception | random-conv")
     args = ap.parse_args()
     torch.set_num_threads(2)
     pipe = load_pipeline(args.pipeline)
@@ -81,10 +84,11 @@ def main() -> None:
         result[name] = {k: round(v, 4) for k, v in acc.items()} | {"seconds": round(time.perf_counter() - t0, 1)}
         if args.grid:
             write_png(tile(imgs[:32], cols=8, upscale=2), Path(args.grid) / f"toy-teacher-{name}.png")
-    for name in ("teacher50_cfg_reseeded", "unguided4", "unguided2", "unguided1", "cfg4"):
-        k = kid(sets[name], sets["teacher50_cfg"])
-        if k is not None:
-            result[name]["kid_vs_teacher50"] = k
+    others = {k: v for k, v in sets.items() if k != "teacher50_cfg"}
+    for name, k in kid_vs(sets["teacher50_cfg"], others, args.features).items():
+        result[name]["kid_vs_teacher50"] = {"mean": round(k["mean"], 5), "std": round(k["std"], 5)}
+    floor = result["teacher50_cfg_reseeded"]["kid_vs_teacher50"]["mean"]
+    result["kid_gap_unguided4_over_floor"] = round(result["unguided4"]["kid_vs_teacher50"]["mean"] - floor, 5)
     print(json.dumps(result))
 
 
