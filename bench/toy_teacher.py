@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from ladd.flow import image_seq_len, teacher_sigmas
-from ladd.images import tile, write_png
+from ladd.images import tile, to_uint8, write_png
 from ladd.models.loading import load_pipeline
 from ladd.models.text import encode_prompts
 from ladd.models.toy import world
@@ -39,7 +39,7 @@ def sample_images(pipe, adapter, prompts, seeds, steps, guidance, batch=64) -> n
         noise = initial_noise(pipe, s, res)
         sig = teacher_sigmas(pipe.scheduler, steps, image_seq_len(*noise.shape[-2:]))
         lat = euler_sample(adapter, noise, sig, caps, neg, guidance=guidance)
-        out.append((decode(pipe, lat).permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8))
+        out.append(to_uint8(decode(pipe, lat)))
     return np.concatenate(out)
 
 

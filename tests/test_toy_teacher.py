@@ -5,11 +5,11 @@ These tests load the committed pipeline and sample it; they never train it.
 
 import time
 
-import numpy as np
 import torch
 from diffusers import ZImagePipeline
 
 from ladd.flow import image_seq_len, teacher_sigmas
+from ladd.images import to_uint8
 from ladd.models.loading import TOY_PIPELINE, load_pipeline
 from ladd.models.text import encode_prompts
 from ladd.models.toy import world
@@ -38,7 +38,7 @@ def _sample(pipe, prompts, steps, guidance):
     sigmas = teacher_sigmas(pipe.scheduler, steps, image_seq_len(*noise.shape[-2:]))
     with torch.no_grad():
         latents = euler_sample(adapter, noise, sigmas, caps, neg, guidance=guidance)
-    return (decode(pipe, latents).permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
+    return to_uint8(decode(pipe, latents))
 
 
 def test_teacher_follows_captions_and_few_steps_lose():

@@ -32,6 +32,7 @@ from torch import Tensor, nn
 
 from ladd.data import shards as fmt
 from ladd.eval.features import FeatureExtractor, extract_features
+from ladd.images import to_uint8
 
 CACHE = ".ladd-cache"
 
@@ -40,11 +41,6 @@ def cache_dir(data_dir: str | Path) -> Path:
     path = Path(data_dir) / CACHE
     path.mkdir(parents=True, exist_ok=True)
     return path
-
-
-def to_uint8(images: Tensor) -> np.ndarray:
-    """(N, 3, H, W) in [0, 1] -> (N, H, W, 3) uint8, rounded as the pipeline (and the PNGs) do."""
-    return (images.clamp(0, 1).permute(0, 2, 3, 1).float().cpu().numpy() * 255).round().astype(np.uint8)
 
 
 def images_hash(images: np.ndarray) -> str:

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ladd.eval.kid import to_uint8
+from ladd.images import to_uint8
 from ladd.flow import image_seq_len, student_sigmas, teacher_sigmas
 from ladd.models.loading import load_pipeline, resolve_pipeline
 from ladd.models.text import encode_prompts
