@@ -1,11 +1,11 @@
 """`ladd plan`: per-GPU memory of a LADD run, before renting the GPUs.
 
-    ladd plan --config configs/zimage-512-8gpu.toml --gpus 8 --gpu-mem 80
+    ladd plan --config configs/zimage-512-8gpu.toml --gpus 8 --gpu-mem 79.2
     ladd plan --config configs/zimage-512-1gpu.toml --gpus 1 --student lora
 
 Parameter counts are exact (the transformer is built on the meta device from its config); the
-activation term is an estimate — bytes kept per token per block for backward, from the block's ops
-(see `ACT_BYTES_PER_TOKEN_PER_DIM`) — to be checked against measured peaks (bench/gpu.sh).
+activation term is an estimate — bytes kept per token per block for backward — whose two constants
+were calibrated against peaks measured on an H100 (bench/gpu.sh; docs/performance.md).
 
 What a LADD G-step keeps alive: the student's graph through every block, and the teacher's graph for
 the fake pass up to the deepest tapped block (the gradient reaches the student through it). D-steps
@@ -21,10 +21,15 @@ from pathlib import Path
 import torch
 
 GB = 1e9
-# One ZImageTransformerBlock keeps ~22·D values per token for backward (norm inputs, scaled inputs,
-# q/k/v before and after qk-norm + RoPE, the attention output, two gated residual branches, the
-# SwiGLU's w1/w3 outputs and their product at 8/3·D each): 22 values × 2 bytes in bf16.
-ACT_BYTES_PER_TOKEN_PER_DIM = 44
+GIB = 2**30
+# Bytes one ZImageTransformerBlock keeps per token per unit of D for backward, under bf16 autocast.
+# Counting the block's ops gives ~44 (22 bf16 values: norm inputs, q/k/v before and after qk-norm and
+# RoPE, attention output, gated residuals, the SwiGLU's three 8/3·D tensors); an H100 measured 65
+# (6B, 512 px, batch 2, no checkpointing: 38.9 GB of activations), the rest being fp32 norm and
+# modulation intermediates. Checkpointed, a block keeps its inputs: measured 2.5 bytes (a mix of bf16
+# and fp32 streams) per token per D, plus one block's full set during its recomputation.
+ACT_BYTES_PER_TOKEN_PER_DIM = 65
+CKPT_BYTES_PER_TOKEN_PER_DIM = 2.5
 OVERHEAD_GB = 2.0  # CUDA context, allocator slack, workspace
 
 
@@ -36,7 +41,7 @@ class PlanInput:
     caption_tokens: int = 256
     batch_per_rank: int = 2
     gpus: int = 1
-    gpu_mem_gb: float = 80.0
+    gpu_mem_gib: float = 79.2  # what torch.cuda reports as total for an "80 GB" H100/A100
     student: str = "full"  # "full" | "lora"
     lora_rank: int = 64
     optimizer: str = "adamw"  # "adamw" | "adamw8bit"
@@ -95,7 +100,7 @@ def plan(p: PlanInput) -> tuple[list[tuple[str, float]], dict]:
     taps_deepest = max(p.disc_layers) + 1
     graph_blocks = c["n_blocks"] + taps_deepest + (c["n_blocks"] - c["n_layers"])  # student + teacher fake pass
     if p.checkpointing:
-        act = graph_blocks * 2 * D * tokens + per_block  # block inputs kept + one block recomputed
+        act = graph_blocks * CKPT_BYTES_PER_TOKEN_PER_DIM * D * tokens + per_block  # inputs + one recompute
     else:
         act = graph_blocks * per_block
     rows.append((f"activations, batch {p.batch_per_rank} ({'checkpointed' if p.checkpointing else 'stored'})",
@@ -103,9 +108,10 @@ def plan(p: PlanInput) -> tuple[list[tuple[str, float]], dict]:
     rows.append(("CUDA context + allocator slack", OVERHEAD_GB))
     total = sum(gb for _, gb in rows)
     fixed = total - act * p.batch_per_rank / GB
-    largest = int((p.gpu_mem_gb - fixed) // (act / GB)) if p.gpu_mem_gb > fixed else 0
-    summary = {"params": P, "trainable": trainable, "tokens": tokens, "total_gb": total,
-               "fits": total <= p.gpu_mem_gb, "largest_batch_per_rank": largest}
+    capacity = p.gpu_mem_gib * GIB / GB
+    largest = int((capacity - fixed) // (act / GB)) if capacity > fixed else 0
+    summary = {"params": P, "trainable": trainable, "tokens": tokens, "total_gb": total, "capacity_gb": capacity,
+               "fits": total <= capacity, "largest_batch_per_rank": largest}
     return rows, summary
 
 
@@ -117,7 +123,8 @@ def disc_params(dim: int, heads: int, hidden: int, cond_dim: int = 256, text_dim
 
 
 def format_plan(p: PlanInput, rows, summary) -> str:
-    head = (f"plan: {p.student} student, {p.gpus} GPU(s) × {p.gpu_mem_gb:g} GB, {p.resolution} px "
+    head = (f"plan: {p.student} student, {p.gpus} GPU(s) × {p.gpu_mem_gib:g} GiB = {summary['capacity_gb']:.1f} GB, "
+            f"{p.resolution} px "
             f"({summary['tokens']} tokens/sample), batch {p.batch_per_rank}/rank, {p.optimizer}, "
             f"checkpointing {'on' if p.checkpointing else 'off'}; {summary['params'] / 1e9:.2f}B params, "
             f"{summary['trainable'] / 1e6:.1f}M trainable")
@@ -144,7 +151,8 @@ def add_parser(sub) -> None:
     p.add_argument("--config", required=True)
     p.add_argument("--set", action="append", default=[])
     p.add_argument("--gpus", type=int, default=1)
-    p.add_argument("--gpu-mem", type=float, default=80.0)
+    p.add_argument("--gpu-mem", type=float, default=79.2,
+                   help="GiB per GPU as torch.cuda.mem_get_info reports its total (an '80 GB' H100: 79.2)")
     p.add_argument("--resolution", type=int, default=512)
     p.add_argument("--student", choices=("full", "lora", "both"), default="both")
     p.set_defaults(func=cmd_plan)
@@ -158,7 +166,7 @@ def cmd_plan(args) -> int:
     for student in students:
         inp = PlanInput(
             transformer_config=transformer_config_of(cfg.model.pipeline), resolution=args.resolution,
-            batch_per_rank=cfg.data.batch_per_rank, gpus=args.gpus, gpu_mem_gb=args.gpu_mem, student=student,
+            batch_per_rank=cfg.data.batch_per_rank, gpus=args.gpus, gpu_mem_gib=args.gpu_mem, student=student,
             optimizer=cfg.optim.optimizer, checkpointing=cfg.model.gradient_checkpointing,
             teacher_sharded=cfg.train.teacher_sharded, disc_layers=tuple(cfg.model.disc_layers),
             disc_hidden=cfg.model.disc_hidden,

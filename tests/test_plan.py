@@ -28,7 +28,7 @@ def test_sharding_and_optimizer_arithmetic():
 
 
 def test_checkpointing_cuts_activations_and_largest_batch_is_consistent():
-    base = PlanInput(transformer_config={}, gpus=8, gpu_mem_gb=80)
+    base = PlanInput(transformer_config={}, gpus=8, gpu_mem_gib=80)
     stored = _row(plan(replace(base, checkpointing=False))[0], "activations")
     ckpt = _row(plan(base)[0], "activations")
     assert ckpt < stored / 5

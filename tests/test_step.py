@@ -92,9 +92,11 @@ def test_g_step_moves_only_the_student(setup):
     before = {n: _snapshot(m) for n, m in (("student", models.student), ("teacher", models.teacher),
                                            ("disc", models.disc))}
     spy = Spy(models.teacher)
+    grads, opt_step = [], opt_g.step
+    opt_g.step = lambda *a: (grads.extend(p.grad for p in trainable(models.student)), opt_step(*a))
     metrics, inputs = generator_step(models, opt_g, [batch], 0, MethodConfig(), torch.Generator().manual_seed(0))
-    grads = [p.grad for p in trainable(models.student)]
-    assert all(g is not None for g in grads)
+    assert len(grads) == len(trainable(models.student)) and all(g is not None for g in grads)
+    assert all(p.grad is None for p in trainable(models.student))  # freed right after the update
     total = torch.sqrt(sum(g.square().sum() for g in grads))
     assert torch.isfinite(total) and total > 0 and metrics["student_grad_norm"] > 0
     assert _changed(before["student"], models.student)

@@ -190,9 +190,9 @@ def test_gradient_accumulation_equivalence(monkeypatch):
         syncs = []
         student.set_requires_gradient_sync = syncs.append  # what FSDP2 exposes; recorded here
         opt = torch.optim.SGD(step.trainable(student), lr=0.0)
+        opt.step = lambda *a: grads.append(torch.cat([p.grad.flatten() for p in step.trainable(student)]))
         micro = [step.Batch(x0[s], caps[s], pooled(caps[s])) for s in split]
         step.generator_step(models, opt, micro, 0, MethodConfig(), torch.Generator())
-        grads.append(torch.cat([p.grad.flatten() for p in step.trainable(student)]))
         assert syncs == [False] * (len(split) - 1) + [True]  # reduce only after the last micro-batch
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-7)
 
@@ -238,12 +238,12 @@ def test_shipped_configs_load():
     assert (eight.optim.lr_g, eight.optim.lr_d, eight.method.gen_update_interval) == (5e-6, 1e-5, 3)
 
 
-def test_gradient_checkpointing_flag_reaches_the_student(world):
+def test_gradient_checkpointing_flag_reaches_both_roles(world):
     from ladd.train.loop import Trainer
 
     cfg = load_config(None, overrides(world, world / "gc", **{"model.gradient_checkpointing": "true"}))
     trainer = Trainer(cfg)
-    assert trainer.student.gradient_checkpointing and not trainer.teacher.gradient_checkpointing
+    assert trainer.student.gradient_checkpointing and trainer.teacher.gradient_checkpointing
     # tests/test_adapter.py::test_taps_under_gradient_checkpointing proves the flag recomputes blocks.
 
 

@@ -9,9 +9,12 @@ is a LoRA file that `ZImagePipeline.load_lora_weights` reads.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
-from torch import nn
+import torch
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from ladd.models.zimage import AdapterOutput, ZImageAdapter
 
@@ -32,15 +35,41 @@ def add_lora(transformer: nn.Module, rank: int, alpha: float, targets: Sequence[
 
 
 class TeacherView(ZImageAdapter):
-    """The frozen teacher inside a LoRA student: the same transformer, adapters switched off."""
+    """The frozen teacher inside a LoRA student: the same transformer, adapters switched off.
+
+    Under gradient checkpointing a block is recomputed during backward, after this forward has
+    switched the adapters back on; the recomputation therefore switches them off again itself (else it
+    would recompute the *student's* block and fail checkpointing's shape check, or worse, not).
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._off_depth = 0
+
+    @contextmanager
+    def _adapters_off(self) -> Iterator[None]:
+        if self._off_depth == 0:
+            self.transformer.disable_adapters()
+        self._off_depth += 1
+        try:
+            yield
+        finally:
+            self._off_depth -= 1
+            if self._off_depth == 0:
+                self.transformer.enable_adapters()
+
+    def _teacher_block(self, block: nn.Module, *args: Tensor | None) -> Tensor:
+        with self._adapters_off():
+            return block(*args)
+
+    def _block(self, block: nn.Module, *args: Tensor | None) -> Tensor:
+        if self.gradient_checkpointing and torch.is_grad_enabled():
+            return checkpoint(self._teacher_block, block, *args, use_reentrant=False)
+        return block(*args)
 
     def forward(self, *args, **kwargs) -> AdapterOutput:
-        tr = self.transformer
-        tr.disable_adapters()
-        try:
+        with self._adapters_off():
             return super().forward(*args, **kwargs)
-        finally:
-            tr.enable_adapters()
 
 
 def lora_state_dict(transformer: nn.Module) -> dict:
