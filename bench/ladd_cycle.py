@@ -37,13 +37,17 @@ CONFIGS = {
 }
 
 
-def timeit(fn, repeats: int) -> float:
-    fn()  # warm-up
-    best = float("inf")
+def time_interleaved(fns: dict, repeats: int) -> dict[str, float]:
+    """Best time of each function, measured round-robin: on a shared machine whose speed drifts over
+    seconds, each quantity's best then comes from the same stretch of time as the others'."""
+    for fn in fns.values():
+        fn()  # warm-up
+    best = {name: float("inf") for name in fns}
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            best[name] = min(best[name], time.perf_counter() - t0)
     return best
 
 
@@ -62,7 +66,8 @@ def setup(name: str, batch: int):
     return models, Batch(x0, caps, torch.randn(batch, 64))
 
 
-def essential_sum(models: LaddModels, b: Batch, gi: int, repeats: int) -> dict[str, float]:
+def essential_parts(models: LaddModels, b: Batch) -> dict:
+    """The passes a cycle cannot avoid, each as a function to time alone."""
     s, te, d = models.student, models.teacher, models.disc
     B, taps = len(b), d.layers
     t = torch.full((B,), 1.0)
@@ -73,6 +78,7 @@ def essential_sum(models: LaddModels, b: Batch, gi: int, repeats: int) -> dict[s
     def student_fwd_bwd():
         v = s(interpolate(b.x0, eps, t), t, b.cap_feats).velocity
         v.sum().backward()
+        s.zero_grad(set_to_none=True)
 
     def student_fwd():
         with torch.no_grad():
@@ -90,24 +96,26 @@ def essential_sum(models: LaddModels, b: Batch, gi: int, repeats: int) -> dict[s
     def disc_fwd_bwd(n):
         fe = {k: torch.cat([v.detach()] * n).requires_grad_(True) for k, v in feats.items()}
         d(fe, torch.cat([th] * n), torch.cat([b.text_cond] * n)).sum().backward()
+        d.zero_grad(set_to_none=True)
 
-    parts = {
-        "student_fwd_bwd": timeit(student_fwd_bwd, repeats),
-        "student_fwd": timeit(student_fwd, repeats),
-        "teacher_fwd_B": timeit(lambda: teacher_fwd(1), repeats),
-        "teacher_fwd_2B": timeit(lambda: teacher_fwd(2), repeats),
-        "teacher_input_grad": timeit(teacher_input_grad, repeats),
-        "disc_fwd_bwd_B": timeit(lambda: disc_fwd_bwd(1), repeats),
-        "disc_fwd_bwd_2B": timeit(lambda: disc_fwd_bwd(2), repeats),
+    return {
+        "student_fwd_bwd": student_fwd_bwd,
+        "student_fwd": student_fwd,
+        "teacher_fwd_B": lambda: teacher_fwd(1),
+        "teacher_fwd_2B": lambda: teacher_fwd(2),
+        "teacher_input_grad": teacher_input_grad,
+        "disc_fwd_bwd_B": lambda: disc_fwd_bwd(1),
+        "disc_fwd_bwd_2B": lambda: disc_fwd_bwd(2),
     }
-    models.student.zero_grad(set_to_none=True)
-    models.disc.zero_grad(set_to_none=True)
+
+
+def essential_sum(parts: dict[str, float], gi: int) -> float:
     # G-step: student fwd+bwd, teacher real (no grad) + fake with graph and its input-grad backward,
     # disc on fake for G, then D on real + fake. D-only steps: student fwd, teacher on 2B, D on 2B.
     g = (parts["student_fwd_bwd"] + parts["teacher_fwd_B"] + parts["teacher_input_grad"]
          + parts["disc_fwd_bwd_B"] + parts["disc_fwd_bwd_2B"])
     dstep = parts["student_fwd"] + parts["teacher_fwd_2B"] + parts["disc_fwd_bwd_2B"]
-    return {"essential": g + (gi - 1) * dstep, **parts}
+    return g + (gi - 1) * dstep
 
 
 def straightforward_cycle(models: LaddModels, b: Batch, cfg: MethodConfig, opt_g, opt_d, rng) -> None:
@@ -141,7 +149,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--configs", nargs="+", default=list(CONFIGS))
     ap.add_argument("--batch", type=int, default=4)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -152,17 +160,21 @@ def main() -> None:
         opt_g = build_optimizer(trainable(models.student), 1e-6, (0.9, 0.999), 0.0)
         opt_d = build_optimizer(trainable(models.disc), 1e-6, (0.9, 0.999), 0.0)
         rng = torch.Generator().manual_seed(0)
-        cycle = timeit(lambda: [ladd_step(models, opt_g, opt_d, [b], s, cfg, rng)
-                                for s in range(cfg.gen_update_interval)], args.repeats)
-        plain = timeit(lambda: straightforward_cycle(models, b, cfg, opt_g, opt_d, rng), args.repeats)
-        ess = essential_sum(models, b, cfg.gen_update_interval, args.repeats)
+        fns = {
+            "cycle": lambda: [ladd_step(models, opt_g, opt_d, [b], s, cfg, rng) for s in range(cfg.gen_update_interval)],
+            "straightforward": lambda: straightforward_cycle(models, b, cfg, opt_g, opt_d, rng),
+            **essential_parts(models, b),
+        }
+        best = time_interleaved(fns, args.repeats)
+        cycle, plain = best.pop("cycle"), best.pop("straightforward")
+        essential = essential_sum(best, cfg.gen_update_interval)
         print(json.dumps({
-            "config": name, "batch": args.batch, "threads": args.threads,
-            "cycle_over_essential": round(cycle / ess["essential"], 3),
+            "config": name, "batch": args.batch, "threads": args.threads, "repeats": args.repeats,
+            "cycle_over_essential": round(cycle / essential, 3),
             "speedup_vs_straightforward": round(plain / cycle, 3),
-            "cycle_s": round(cycle, 4), "essential_s": round(ess["essential"], 4), "straightforward_s": round(plain, 4),
-            "parts_s": {k: round(v, 4) for k, v in ess.items() if k != "essential"},
-        }))
+            "cycle_s": round(cycle, 4), "essential_s": round(essential, 4), "straightforward_s": round(plain, 4),
+            "parts_s": {k: round(v, 4) for k, v in best.items()},
+        }), flush=True)
 
 
 if __name__ == "__main__":

@@ -96,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     prompts.set_defaults(func=cmd_toy_prompts)
 
     demo = sub.add_parser("demo", help="the whole mission on the toy world: precompute, distill, evaluate, report")
-    demo.add_argument("--out", default="runs/demo")
+    demo.add_argument("--out", default=None, help="default runs/demo (--quick: runs/demo-quick)")
     demo.add_argument("--seeds", type=int, default=5, help="LADD training seeds (mean ± std over them)")
     demo.add_argument("--quick", action="store_true", help="one seed, a third of the steps")
     demo.add_argument("--pipeline", default="toy")

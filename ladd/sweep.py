@@ -238,14 +238,17 @@ def health_status(cfg, trained: dict) -> str:
     stopped = {"stop_nonfinite": "diverged", "stop_collapse": "collapsed"}.get(trained.get("stopped"))
     if stopped:
         return stopped
-    health, collapsed, ratio = Health(cfg.health), False, None
+    health, collapsed, ratio, drift = Health(cfg.health), False, None, None
     metrics = Path(cfg.train.out) / "metrics.jsonl"
     for line in metrics.read_text().splitlines() if metrics.is_file() else []:
         row = {k: float(v) if isinstance(v, str) else v for k, v in json.loads(line).items()}
         if "d_loss" in row and "logit_gap" in row:
             collapsed |= health.observe(row)["collapse_logits"]
         ratio = row.get("val_diversity_ratio", ratio)
-    return "collapsed" if collapsed or (ratio is not None and ratio < cfg.health.diversity_fraction) else "ok"
+        drift = row.get("val_drift", drift)
+    collapsed |= ratio is not None and ratio < cfg.health.diversity_fraction
+    collapsed |= drift is not None and drift > cfg.health.drift_factor
+    return "collapsed" if collapsed else "ok"
 
 
 def subprocess_runner(trial: Trial, job: dict, env: dict[str, str]) -> dict:

@@ -125,6 +125,10 @@ def test_health_rules_mark_trials(tmp_path):
     assert health_status(cfg, {"stopped": None}) == "collapsed"
     (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 3, "val_diversity_ratio": 0.05}) + "\n")
     assert health_status(cfg, {"stopped": None}) == "collapsed"
+    drifted = [{"step": 0, "val_diversity_ratio": 0.9, "val_drift": 1.0},
+               {"step": 9, "val_diversity_ratio": 0.7, "val_drift": 5.1}]  # varied noise: only drift sees it
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in drifted))
+    assert health_status(cfg, {"stopped": None}) == "collapsed"
 
 
 def test_real_two_trial_sweep_on_the_tiny_pipeline(tmp_path_factory, tmp_path):

@@ -156,6 +156,9 @@ def test_collapse_detector_on_synthetic_runs():
     same = teacher[:1].repeat(6, 1, 1, 1) + 0.01 * torch.randn(6, 16, 8, 8)
     assert health.diversity_collapsed(same, teacher)[1]
     assert not health.diversity_collapsed(teacher + 0.1 * torch.randn_like(teacher), teacher)[1]
+    # Drift: the toy world's collapsed run had 5.1× its untrained MSE, healthy ones ≤ 1.1× (default 3).
+    assert health.drift_collapsed(1.908, 0.371) == (1.908 / 0.371, True)
+    assert not health.drift_collapsed(0.41, 0.371)[1]
 
 
 def test_gradient_accumulation_equivalence(monkeypatch):
@@ -288,3 +291,19 @@ def test_ema_and_text_dropout(world):
     empty_feats, empty_cond = trainer.empty_caption()
     assert all(torch.equal(c, empty_feats) for c in batch.cap_feats)
     assert all(torch.equal(c, empty_cond) for c in batch.text_cond)
+
+
+def test_drift_guard_stops_a_student_that_leaves_the_teacher(world):
+    """A student blown away from the teacher (huge lr, G every step) is stopped by the drift guard;
+    at step 0 the student is the teacher, so its drift is exactly 1."""
+    from ladd.train.loop import train
+
+    out = world / "drift"
+    result = train(load_config(None, overrides(world, out, steps=12, **{
+        "optim.lr_g": "0.3", "method.gen_update_interval": "1", "validation.every": "2",
+        "health.on_collapse": '"stop"'})))
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    val = [r for r in rows if "val_drift" in r]
+    assert val[0]["step"] == 0 and val[0]["val_drift"] == pytest.approx(1.0)
+    assert result["stopped"] == "stop_collapse" and result["step"] < 12
+    assert val[-1]["val_drift"] > 3.0

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import Tensor
+from tqdm import tqdm
 
 from ladd.images import to_uint8
 from ladd.flow import image_seq_len, student_sigmas, teacher_sigmas
@@ -79,11 +80,13 @@ class Sampler:
         if self.guidance > 0:
             neg = encode_prompts(self.pipe, [self.negative_prompt], device=device)[0].to(dtype)
         out = []
-        for i in range(0, len(prompts), batch_size):
-            caps = [c.to(dtype) for c in encode_prompts(self.pipe, prompts[i : i + batch_size], device=device)]
-            noise = initial_noise(self.pipe, seeds[i : i + batch_size], resolution).to(device)
-            negs = None if neg is None else [neg] * len(caps)
-            out.append(euler_sample(self.adapter, noise, self.sigmas.to(device), caps, negs, self.guidance).cpu())
+        with tqdm(total=len(prompts), desc=f"sample {self.label}", unit="img", leave=False) as bar:
+            for i in range(0, len(prompts), batch_size):
+                caps = [c.to(dtype) for c in encode_prompts(self.pipe, prompts[i : i + batch_size], device=device)]
+                noise = initial_noise(self.pipe, seeds[i : i + batch_size], resolution).to(device)
+                negs = None if neg is None else [neg] * len(caps)
+                out.append(euler_sample(self.adapter, noise, self.sigmas.to(device), caps, negs, self.guidance).cpu())
+                bar.update(len(caps))
         return torch.cat(out)
 
     @torch.no_grad()

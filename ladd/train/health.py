@@ -5,6 +5,10 @@
 2. Different prompts give near-identical images: the mean pairwise distance between the student's
    validation outputs falls below a fraction of the teacher's (the blog's "same speckled noise for
    every prompt").
+3. The student drifts away from the teacher: its validation latents' MSE to the teacher's grows past
+   a multiple of the step-0 (untrained) value. Collapse to *varied* noise passes guard 2 (pixel noise
+   differs from prompt to prompt) but not this one: on the toy world a collapsed run (every image the
+   same striped texture) had 5.1× its step-0 MSE at a diversity ratio of 0.72; healthy runs, ≤ 1.1×.
 
 Decisions are returned, not acted on; the loop reduces them across ranks before acting.
 """
@@ -62,6 +66,11 @@ class Health:
         """(student spread / teacher spread, collapsed?) over the validation prompts' outputs."""
         ratio = pairwise_spread(student) / max(pairwise_spread(teacher), 1e-12)
         return ratio, ratio < self.cfg.diversity_fraction
+
+    def drift_collapsed(self, mse: float, mse_step0: float) -> tuple[float, bool]:
+        """(validation MSE / its step-0 value, drifted away from the teacher?)."""
+        ratio = mse / max(mse_step0, 1e-12)
+        return ratio, ratio > self.cfg.drift_factor
 
     def reset(self) -> None:
         self.nonfinite_in_a_row = 0

@@ -210,6 +210,10 @@ class Trainer:
                 log.write(step, v)
                 if v.get("diversity_collapse") and not last_step:
                     stop_reason = self.on_collapse("validation images of different prompts are near-identical")
+                elif v.get("drift_collapse") and not last_step:
+                    stop_reason = self.on_collapse(
+                        f"validation latents are {v['val_drift']:.1f}× further from the teacher's than the "
+                        f"untrained student's (health.drift_factor = {cfg.health.drift_factor:g})")
             if not stop_reason and step != last_saved and (
                 last_step or (step > 0 and step % cfg.train.checkpoint_every == 0)
             ):

@@ -33,6 +33,7 @@ class Validator:
         n = min(cfg.validation.num_prompts, len(trainer.data))
         samples = [trainer.data[i] for i in range(n)]
         self.n = n
+        self.mse_untrained: float | None = None
         self.caps = [s["cap_feats"].to(d.device) for s in samples]
         self.teacher_latents = torch.stack([s["latents"] for s in samples]).to(d.device)
         shape = self.teacher_latents.shape[1:]
@@ -60,11 +61,12 @@ class Validator:
         save_grid(decode(t.pipe, x_t), self.dir / "x_t_at_curriculum_timesteps.png", cols=len(ts))
 
     @torch.no_grad()
-    def run(self, step: int) -> dict:
+    def sample(self, adapter) -> torch.Tensor:
+        """The validation prompts' 4-step latents from `adapter`, split over ranks (all ranks call it)."""
         t = self.t
         idx = self.mine
         with torch.autocast(t.dist.device.type, dtype=torch.bfloat16, enabled=t.bf16):
-            mine = euler_sample(t.student, self.noise[idx], self.sigmas, [self.caps[i] for i in idx])
+            mine = euler_sample(adapter, self.noise[idx], self.sigmas, [self.caps[i] for i in idx])
         gathered = distributed.gather_tensor(mine.float().contiguous())
         # Undo the round-robin split: rank r's k-th sample is prompt (r + k·world) mod n.
         world, per_rank = t.dist.world_size, len(idx)
@@ -72,7 +74,18 @@ class Validator:
         latents = torch.empty_like(self.teacher_latents)
         for j, i in enumerate(order):
             latents[i] = gathered[j]
-        metrics = {"val_latent_mse": torch.mean((latents - self.teacher_latents) ** 2).item()}
+        return latents
+
+    @torch.no_grad()
+    def run(self, step: int) -> dict:
+        t = self.t
+        if self.mse_untrained is None:  # the untrained student = the teacher's weights (also after a resume)
+            untrained = self.sample(t.teacher)
+            self.mse_untrained = torch.mean((untrained - self.teacher_latents) ** 2).item()
+        latents = self.sample(t.student)
+        mse = torch.mean((latents - self.teacher_latents) ** 2).item()
+        drift, drifted = t.health.drift_collapsed(mse, self.mse_untrained)
+        metrics = {"val_latent_mse": mse, "val_drift": drift, "drift_collapse": drifted}
         if self.n >= 2:
             ratio, collapsed = t.health.diversity_collapsed(latents, self.teacher_latents)
             metrics.update(val_diversity_ratio=ratio, diversity_collapse=collapsed)
