@@ -98,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="the whole mission on the toy world: precompute, distill, evaluate, report")
     demo.add_argument("--out", default=None, help="default runs/demo (--quick: runs/demo-quick)")
     demo.add_argument("--seeds", type=int, default=5, help="LADD training seeds (mean ± std over them)")
-    demo.add_argument("--quick", action="store_true", help="one seed, a third of the steps")
+    demo.add_argument("--quick", action="store_true", help="one seed, a third of the steps, 128 + 128 prompts")
     demo.add_argument("--pipeline", default="toy")
     demo.add_argument("--smoke", action="store_true", help="only the seconds-long foundation smoke run")
     demo.add_argument("--seed", type=int, default=0, help="seed of the smoke run")

@@ -173,13 +173,13 @@ class HealthConfig:
     collapse_gap: float = 0.05  # |mean logit gap| below this over the window ...
     collapse_d_loss: float = 1.8  # ... while the mean d_loss stays above this -> collapse
     diversity_fraction: float = 0.2  # validation images closer than this × the teacher's spread -> collapse
-    drift_factor: float = 3.0  # validation latent MSE to the teacher above this × its step-0 value -> collapse
+    drift_factor: float = 3.0  # validation latent MSE to the teacher above this × the untrained student's -> collapse
     on_collapse: str = "warn"  # "warn" | "stop" | "rollback"
     rollback_lr_d_factor: float = 0.5
 
     def __post_init__(self):
         if self.drift_factor <= 1:
-            raise ConfigError(f"health.drift_factor must be > 1 (a multiple of the step-0 MSE), got {self.drift_factor}")
+            raise ConfigError(f"health.drift_factor must be > 1 (a multiple of the untrained student's MSE), got {self.drift_factor}")
         if self.on_collapse not in ("warn", "stop", "rollback"):
             raise ConfigError(f"health.on_collapse {self.on_collapse!r}: choose 'warn', 'stop' or 'rollback'")
 

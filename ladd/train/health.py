@@ -6,9 +6,9 @@
    validation outputs falls below a fraction of the teacher's (the blog's "same speckled noise for
    every prompt").
 3. The student drifts away from the teacher: its validation latents' MSE to the teacher's grows past
-   a multiple of the step-0 (untrained) value. Collapse to *varied* noise passes guard 2 (pixel noise
+   a multiple of the untrained student's (the teacher's weights at the student's steps). Collapse to *varied* noise passes guard 2 (pixel noise
    differs from prompt to prompt) but not this one: on the toy world a collapsed run (every image the
-   same striped texture) had 5.1× its step-0 MSE at a diversity ratio of 0.72; healthy runs, ≤ 1.1×.
+   same striped texture) had 5.1× the untrained MSE at a diversity ratio of 0.72; healthy runs, ≤ 1.1×.
 
 Decisions are returned, not acted on; the loop reduces them across ranks before acting.
 """
@@ -67,9 +67,9 @@ class Health:
         ratio = pairwise_spread(student) / max(pairwise_spread(teacher), 1e-12)
         return ratio, ratio < self.cfg.diversity_fraction
 
-    def drift_collapsed(self, mse: float, mse_step0: float) -> tuple[float, bool]:
-        """(validation MSE / its step-0 value, drifted away from the teacher?)."""
-        ratio = mse / max(mse_step0, 1e-12)
+    def drift_collapsed(self, mse: float, mse_untrained: float) -> tuple[float, bool]:
+        """(validation MSE / the untrained student's, drifted away from the teacher?)."""
+        ratio = mse / max(mse_untrained, 1e-12)
         return ratio, ratio > self.cfg.drift_factor
 
     def reset(self) -> None:
