@@ -59,7 +59,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         return 0
     from ladd.demo import DemoConfig, run_demo
 
-    run_demo(DemoConfig(out=args.out, seeds=args.seeds, quick=args.quick, pipeline=args.pipeline))
+    run_demo(DemoConfig(out=args.out, seeds=args.seeds, quick=args.quick, pipeline=args.pipeline,
+                        n_train=args.n_train, n_eval=args.n_eval))
     return 0
 
 
@@ -100,6 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seeds", type=int, default=5, help="LADD training seeds (mean ± std over them)")
     demo.add_argument("--quick", action="store_true", help="one seed, a third of the steps, 128 + 128 prompts")
     demo.add_argument("--pipeline", default="toy")
+    demo.add_argument("--n-train", type=int, default=None, help="training prompts (default 256; --quick: 128)")
+    demo.add_argument("--n-eval", type=int, default=None, help="held-out eval prompts (default 256; --quick: 128)")
     demo.add_argument("--smoke", action="store_true", help="only the seconds-long foundation smoke run")
     demo.add_argument("--seed", type=int, default=0, help="seed of the smoke run")
     demo.set_defaults(func=cmd_demo)

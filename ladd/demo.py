@@ -33,8 +33,8 @@ class DemoConfig:
     config: str = "configs/toy.toml"
     # The 50-step CFG teacher costs ~0.6 s per image on 2 CPU cores: 256 + 256 images (and the
     # teacher's own eval row, 256 more) are most of the demo's 20 minutes.
-    n_train: int = 256
-    n_eval: int = 256
+    n_train: int | None = None  # default 256 (quick: 128)
+    n_eval: int | None = None  # default 256 (quick: 128)
     steps: int | None = None  # training steps; default: the config's (quick: a third)
     features: str = "inception"
     subsets: int = 20
@@ -45,7 +45,8 @@ class DemoConfig:
     def __post_init__(self):
         if self.quick:
             self.seeds = 1
-            self.n_train, self.n_eval = min(self.n_train, 128), min(self.n_eval, 128)
+        self.n_train = self.n_train or (128 if self.quick else 256)
+        self.n_eval = self.n_eval or (128 if self.quick else 256)
         self.out = self.out or ("runs/demo-quick" if self.quick else "runs/demo")
 
 
