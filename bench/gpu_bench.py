@@ -170,7 +170,7 @@ def bench_ladd(device, config: dict, res: int, batch: int, student: str, ckpt: b
         if prof is not None:
             print_profile(prof, f"{student} G-step", device)
         if step == 0:
-            static = mem_gb(device, peak=False)  # weights + grads + optimizer state, after one G-step
+            static = mem_gb(device, peak=False)  # weights + optimizer state (grads are freed after each update)
     est = plan(PlanInput(transformer_config=config, resolution=res, batch_per_rank=batch, student=student,
                          optimizer="adamw8bit" if opt_kind == "adamw8bit" else "adamw", caption_tokens=128,
                          disc_layers=tuple(layers), checkpointing=ckpt))[1]
