@@ -13,7 +13,6 @@ Prints one JSON line per measurement.
 from __future__ import annotations
 
 import argparse
-import copy
 import gc
 import json
 import time
@@ -21,18 +20,19 @@ from contextlib import contextmanager
 
 import torch
 
-from ladd.config import MethodConfig
+from ladd.config import MethodConfig, ModelConfig
 from ladd.models.discriminator import Discriminator
-from ladd.models.lora import TeacherView, add_lora
 from ladd.models.zimage import ZImageAdapter
 from ladd.plan import PlanInput, plan
-from ladd.train.loop import build_optimizer
+from ladd.train.loop import build_optimizer, build_roles
 from ladd.train.step import Batch, LaddModels, ladd_step, trainable
 
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
-# A tiny config for the dry run on CPU (same code path, seconds instead of minutes).
-TINY = dict(dim=64, n_layers=6, n_refiner_layers=1, n_heads=2, n_kv_heads=2, cap_feat_dim=32,
-            axes_dims=[8, 12, 12], axes_lens=[1024, 512, 512])
+def tiny_config() -> dict:
+    """The tests' tiny transformer config, for a dry run on CPU (same code path, seconds)."""
+    from ladd.models.tiny import TinyConfig, build_transformer
+
+    return {k: v for k, v in build_transformer(TinyConfig()).config.items() if not k.startswith("_")}
 
 
 def zimage(device, config: dict) -> torch.nn.Module:
@@ -128,20 +128,9 @@ def bench_ladd(device, config: dict, res: int, batch: int, student: str, ckpt: b
                profile: bool = False) -> dict:
     PROGRESS.update(stage="build")
     tr = zimage(device, config)
-    layers = [5, 10, 15, 20, 25, 29] if not config else [1, 3, 5]
-    if student == "lora":
-        add_lora(tr, 64, 64)
-        for p in tr.parameters():
-            if p.requires_grad:
-                p.data = p.data.float()
-        s_ad, t_ad = ZImageAdapter(tr).train(), TeacherView(tr)
-        opt_kind = "adamw"
-    else:
-        s_ad = ZImageAdapter(copy.deepcopy(tr).float().requires_grad_(True)).train()
-        t_ad = ZImageAdapter(tr)
-        opt_kind = "adamw8bit"
-    # Checkpointing on both roles (as the trainer does): the teacher's fake pass keeps a graph too.
-    s_ad.gradient_checkpointing = t_ad.gradient_checkpointing = ckpt
+    layers = ModelConfig().disc_layers if not config else [1, 3, 5]
+    s_ad, t_ad = build_roles(tr, student, 64, 64, ckpt)  # as the trainer builds them
+    opt_kind = "adamw" if student == "lora" else "adamw8bit"
     disc = Discriminator(feature_dim=tr.config.dim, layers=layers, text_dim=cap_dim(config)).to(device)
     models = LaddModels(s_ad, t_ad, disc)
     try:
@@ -193,7 +182,7 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true", help="profile the last LADD step (a G-step) of each run")
     args = ap.parse_args()
     device = torch.device(args.device)
-    config = TINY if args.tiny else {}
+    config = tiny_config() if args.tiny else {}
     print(json.dumps({"torch": torch.__version__, "cuda": torch.version.cuda, "gpu": gpu_name(device)}), flush=True)
     for what in args.what:
         t0 = time.perf_counter()

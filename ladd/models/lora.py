@@ -12,9 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
-import torch
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
 from ladd.models.zimage import AdapterOutput, ZImageAdapter
 
@@ -58,14 +56,9 @@ class TeacherView(ZImageAdapter):
             if self._off_depth == 0:
                 self.transformer.enable_adapters()
 
-    def _teacher_block(self, block: nn.Module, *args: Tensor | None) -> Tensor:
+    def _run_block(self, block: nn.Module, *args: Tensor | None) -> Tensor:
         with self._adapters_off():
             return block(*args)
-
-    def _block(self, block: nn.Module, *args: Tensor | None) -> Tensor:
-        if self.gradient_checkpointing and torch.is_grad_enabled():
-            return checkpoint(self._teacher_block, block, *args, use_reentrant=False)
-        return block(*args)
 
     def forward(self, *args, **kwargs) -> AdapterOutput:
         with self._adapters_off():

@@ -78,7 +78,11 @@ class ZImageAdapter(nn.Module):
         # Non-reentrant checkpointing works with frozen weights and inputs that need grad (the
         # teacher on the fake path) and composes with FSDP2's unshard hooks.
         if self.gradient_checkpointing and torch.is_grad_enabled():
-            return checkpoint(block, *args, use_reentrant=False)
+            return checkpoint(self._run_block, block, *args, use_reentrant=False)
+        return self._run_block(block, *args)
+
+    def _run_block(self, block: nn.Module, *args: Tensor | None) -> Tensor:
+        """One block call; also what checkpointing recomputes in backward (a subclass's hook point)."""
         return block(*args)
 
     def forward(

@@ -54,24 +54,8 @@ class Trainer:
         pipe.transformer.to(d.device)
         pipe.vae.to(d.device)
         self.pipe = pipe
-        # The teacher only runs forwards: keep it in bf16 on GPU (half the memory, no accuracy cost
-        # that matters for features); the student keeps fp32 master weights.
-        if cfg.model.student == "lora":
-            # One copy of the weights: the student is the transformer with adapters on, the teacher
-            # the same module with them off. Base in bf16 on GPU, adapters fp32 (trainable).
-            tr = pipe.transformer
-            add_lora(tr, cfg.model.lora_rank, cfg.model.lora_alpha)
-            for p in tr.parameters():
-                if p.requires_grad:
-                    p.data = p.data.float()
-            self.teacher, self.student = TeacherView(tr), ZImageAdapter(tr).train()
-        else:
-            self.teacher = ZImageAdapter(pipe.transformer)
-            self.student = ZImageAdapter(copy.deepcopy(pipe.transformer).float().requires_grad_(True)).train()
-        # Both roles: the teacher's fake pass keeps a graph (for the input gradient) through every
-        # block up to the deepest tap, as large as the student's.
-        self.student.gradient_checkpointing = cfg.model.gradient_checkpointing
-        self.teacher.gradient_checkpointing = cfg.model.gradient_checkpointing
+        self.student, self.teacher = build_roles(pipe.transformer, cfg.model.student, cfg.model.lora_rank,
+                                                 cfg.model.lora_alpha, cfg.model.gradient_checkpointing)
         self.data = ShardDataset(cfg.data.path, d.rank, d.world_size, cfg.data.seed,
                                  expect_fingerprint=teacher_fingerprint(self.pipeline_dir))
         text_dim = self._text_dim()
@@ -281,6 +265,29 @@ class Trainer:
                 f"{cfg.data.grad_accum} accum = {eff} per step, {cfg.train.steps} steps, {len(self.data)} "
                 f"prompts -> each seen ~{seen:.1f}×; {self.disc.describe()}; "
                 f"{'bf16' if self.bf16 else 'fp32'}; G every {cfg.method.gen_update_interval} steps")
+
+
+def build_roles(transformer, student: str, lora_rank: int, lora_alpha: float,
+                checkpointing: bool) -> tuple[ZImageAdapter, ZImageAdapter]:
+    """(student, teacher) adapters over the loaded teacher transformer.
+
+    The teacher only runs forwards: it stays in the load dtype (bf16 on GPU); a full student is an
+    fp32 copy (master weights). A LoRA student is the same module with adapters on, the teacher the
+    one with them off: one copy of the weights, base in bf16, adapters fp32 (trainable). Checkpointing
+    applies to both roles: the teacher's fake pass keeps a graph (for the input gradient) through every
+    block up to the deepest tap, as large as the student's.
+    """
+    if student == "lora":
+        add_lora(transformer, lora_rank, lora_alpha)
+        for p in transformer.parameters():
+            if p.requires_grad:
+                p.data = p.data.float()
+        s, t = ZImageAdapter(transformer).train(), TeacherView(transformer)
+    else:
+        s = ZImageAdapter(copy.deepcopy(transformer).float().requires_grad_(True)).train()
+        t = ZImageAdapter(transformer)
+    s.gradient_checkpointing = t.gradient_checkpointing = checkpointing
+    return s, t
 
 
 def build_optimizer(params, lr, betas, weight_decay, kind: str = "adamw") -> torch.optim.Optimizer:

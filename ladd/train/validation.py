@@ -15,6 +15,7 @@ import torch
 
 from ladd import distributed
 from ladd.distributed import print0
+from ladd.eval.kid import latent_mse
 from ladd.flow import interpolate, student_sigmas, teacher_sigmas, image_seq_len
 from ladd.images import tile, to_uint8, write_png
 from ladd.sampling import decode, euler_sample
@@ -80,10 +81,9 @@ class Validator:
     def run(self, step: int) -> dict:
         t = self.t
         if self.mse_untrained is None:  # the untrained student = the teacher's weights (also after a resume)
-            untrained = self.sample(t.teacher)
-            self.mse_untrained = torch.mean((untrained - self.teacher_latents) ** 2).item()
+            self.mse_untrained = latent_mse(self.sample(t.teacher), self.teacher_latents)
         latents = self.sample(t.student)
-        mse = torch.mean((latents - self.teacher_latents) ** 2).item()
+        mse = latent_mse(latents, self.teacher_latents)
         drift, drifted = t.health.drift_collapsed(mse, self.mse_untrained)
         metrics = {"val_latent_mse": mse, "val_drift": drift, "drift_collapse": drifted}
         if self.n >= 2:
