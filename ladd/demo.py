@@ -93,7 +93,8 @@ def run_demo(cfg: DemoConfig) -> dict:
                 pipeline=cfg.pipeline, prompts=str(out / f"{split}.txt"), out=str(out / "data" / split),
                 steps=50, guidance=5.0, batch_size=32, decode_first=cfg.n_eval if split == "eval" else 0))
 
-    base = load_config(cfg.config)
+    base = load_config(cfg.config, list(cfg.overrides))
+    ema = base.train.ema_decay > 0  # a run that keeps an EMA is judged (and exported) by it
     steps = cfg.steps or (max(base.train.steps // 3, 1) if cfg.quick else base.train.steps)
     runs = []
     for seed in range(cfg.seeds):
@@ -118,13 +119,13 @@ def run_demo(cfg: DemoConfig) -> dict:
                 rows.append(json.loads(cached.read_text()))
                 continue
             r = evaluate(EvalConfig(data=str(out / "data" / "eval"), source="run", path=str(run), teacher=i == 0,
-                                    features=cfg.features, subsets=cfg.subsets, subset_size=cfg.subset_size,
+                                    ema=ema, features=cfg.features, subsets=cfg.subsets, subset_size=cfg.subset_size,
                                     pipeline=cfg.pipeline, batch_size=cfg.eval_batch))
             cached.write_text(json.dumps(r, indent=1))
             rows.append(r)
     with _stage(timings, "report"):
         report = summarize(rows, cfg, timings, steps)  # holds `timings` itself: the report stage lands too
-        grid = grid_png(cfg, out, runs[0])
+        grid = grid_png(cfg, out, runs[0], ema)
         (out / "report.html").write_text(render_html(report, grid, runs))
     (out / "report.json").write_text(json.dumps(report, indent=1))
     print0(headline(report))
@@ -177,7 +178,7 @@ def headline(r: dict) -> str:
             f"{r['gap_closed']:.2f}; (untrained − LADD) / SE = {r['ladd_vs_untrained_se']:.1f}")
 
 
-def grid_png(cfg: DemoConfig, out: Path, run: Path, n: int = 8) -> str:
+def grid_png(cfg: DemoConfig, out: Path, run: Path, ema: bool = False, n: int = 8) -> str:
     """teacher 50 steps | untrained 4 steps | LADD 4 steps, same prompts and seeds, as base64 PNG."""
     from PIL import Image
 
@@ -189,7 +190,7 @@ def grid_png(cfg: DemoConfig, out: Path, run: Path, n: int = 8) -> str:
     res = refs.images.shape[1]
     rows = [refs.images]
     for source, path in (("untrained", cfg.pipeline), ("run", run)):
-        s = load_sampler(source, path, steps=4, device="cpu", dtype="fp32")
+        s = load_sampler(source, path, ema=ema and source == "run", steps=4, device="cpu", dtype="fp32")
         rows.append(s.images(s.latents(list(refs.prompts), list(refs.seeds), res)))
     grid = tile(np.concatenate(rows), cols=len(rows[0]), upscale=2)
     buf = io.BytesIO()

@@ -22,3 +22,19 @@ def test_demo_runs_caches_and_reports(tmp_path):
     assert html.count("data:image/png;base64,") == 2 and "gap closed" in html  # self-contained
     again = run_demo(cfg)  # finished stages are reused: no training, no evaluation
     assert "train" not in again["seconds"] and again["kid"]["ladd"] == report["kid"]["ladd"]
+
+
+def test_demo_judges_a_run_with_ema_by_its_ema_weights(tmp_path):
+    build_tiny_pipeline(seed=1).save_pretrained(tmp_path / "tiny")
+    common = dict(seeds=1, pipeline=str(tmp_path / "tiny"), n_train=8, n_eval=8, steps=3, features="random-conv",
+                  subsets=5, subset_size=4)
+    raw = run_demo(DemoConfig(out=str(tmp_path / "raw"), overrides=("validation.num_prompts=2",), **common))
+    ema = run_demo(DemoConfig(out=str(tmp_path / "ema"), overrides=("validation.num_prompts=2", "train.ema_decay=0.5"),
+                              **common))
+    row = json.loads((tmp_path / "ema" / "runs" / "seed-0" / "eval.json").read_text())["rows"][0]
+    assert " ema (4 steps)" in row["label"]
+    raw_row = json.loads((tmp_path / "raw" / "runs" / "seed-0" / "eval.json").read_text())["rows"][0]
+    assert " ema" not in raw_row["label"]
+    # Same data, seeds and training: only the judged weights differ (EMA 0.5 over 3 steps ≠ the raw student).
+    assert ema["kid"]["untrained"] == raw["kid"]["untrained"]
+    assert row["latent_mse"] != raw_row["latent_mse"]
