@@ -173,7 +173,7 @@ class HealthConfig:
     collapse_gap: float = 0.05  # |mean logit gap| below this over the window ...
     collapse_d_loss: float = 1.8  # ... while the mean d_loss stays above this -> collapse
     diversity_fraction: float = 0.2  # validation images closer than this × the teacher's spread -> collapse
-    drift_factor: float = 3.0  # validation latent MSE to the teacher above this × the untrained student's -> collapse
+    drift_factor: float = 2.2  # validation latent MSE to the teacher above this × the untrained student's -> collapse
     on_collapse: str = "warn"  # "warn" | "stop" | "rollback"
     rollback_lr_d_factor: float = 0.5
 
