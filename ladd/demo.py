@@ -189,8 +189,8 @@ def grid_png(cfg: DemoConfig, out: Path, run: Path, ema: bool = False, n: int = 
     refs = load_references(out / "data" / "eval", limit=n)
     res = refs.images.shape[1]
     rows = [refs.images]
-    for source, path in (("untrained", cfg.pipeline), ("run", run)):
-        s = load_sampler(source, path, ema=ema and source == "run", steps=4, device="cpu", dtype="fp32")
+    for source, path, use_ema in (("untrained", cfg.pipeline, False), ("run", run, ema)):
+        s = load_sampler(source, path, ema=use_ema, steps=4, device="cpu", dtype="fp32")
         rows.append(s.images(s.latents(list(refs.prompts), list(refs.seeds), res)))
     grid = tile(np.concatenate(rows), cols=len(rows[0]), upscale=2)
     buf = io.BytesIO()

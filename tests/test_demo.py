@@ -1,6 +1,7 @@
 """`ladd demo` end to end on a tiny pipeline: stages, caching, report.json fields, report.html."""
 
 import json
+import shutil
 
 from ladd.demo import DemoConfig, run_demo
 from ladd.models.tiny import build_tiny_pipeline
@@ -29,6 +30,10 @@ def test_demo_judges_a_run_with_ema_by_its_ema_weights(tmp_path):
     common = dict(seeds=1, pipeline=str(tmp_path / "tiny"), n_train=8, n_eval=8, steps=3, features="random-conv",
                   subsets=5, subset_size=4)
     raw = run_demo(DemoConfig(out=str(tmp_path / "raw"), overrides=("validation.num_prompts=2",), **common))
+    (tmp_path / "ema").mkdir()
+    for name in ("train.txt", "eval.txt"):  # the raw run's prompts and teacher data: precompute is reused
+        shutil.copy(tmp_path / "raw" / name, tmp_path / "ema" / name)
+    shutil.copytree(tmp_path / "raw" / "data", tmp_path / "ema" / "data")
     ema = run_demo(DemoConfig(out=str(tmp_path / "ema"), overrides=("validation.num_prompts=2", "train.ema_decay=0.5"),
                               **common))
     row = json.loads((tmp_path / "ema" / "runs" / "seed-0" / "eval.json").read_text())["rows"][0]
