@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -20,6 +21,8 @@ from pathlib import Path
 
 from ladd.flow import Curriculum
 from ladd.losses import AGGREGATES, KINDS
+
+DECAYS = ("none", "linear", "cosine")
 
 
 class ConfigError(ValueError):
@@ -114,6 +117,8 @@ class OptimConfig:
     weight_decay_g: float = 0.0
     weight_decay_d: float = 0.0
     warmup_steps: int = 0  # linear LR warmup, both optimizers
+    decay: str = "none"  # after warmup, both optimizers: "none" | "linear" | "cosine", to lr_min_ratio·lr at the end
+    lr_min_ratio: float = 0.0
     optimizer: str = "adamw"  # "adamw" | "adamw8bit" (bitsandbytes, CUDA only)
 
     def __post_init__(self):
@@ -122,6 +127,20 @@ class OptimConfig:
             raise ConfigError(f"optim.optimizer {self.optimizer!r} is unknown; choose 'adamw' or 'adamw8bit'")
         if self.lr_g <= 0 or self.lr_d <= 0:
             raise ConfigError(f"optim.lr_g and optim.lr_d must be > 0, got {self.lr_g} and {self.lr_d}")
+        if self.decay not in DECAYS:
+            raise ConfigError(f"optim.decay {self.decay!r} is unknown; choose one of {', '.join(DECAYS)}")
+        if not 0 <= self.lr_min_ratio <= 1:
+            raise ConfigError(f"optim.lr_min_ratio must be in [0, 1], got {self.lr_min_ratio}")
+
+    def lr_factor(self, step: int, total: int) -> float:
+        """The multiplier of both learning rates at optimizer step `step` (0-based) of `total`."""
+        if step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        if self.decay == "none" or total <= self.warmup_steps:
+            return 1.0
+        progress = min(1.0, (step - self.warmup_steps) / (total - self.warmup_steps))
+        shape = 1 - progress if self.decay == "linear" else 0.5 * (1 + math.cos(math.pi * progress))
+        return self.lr_min_ratio + (1 - self.lr_min_ratio) * shape
 
 
 @dataclass(kw_only=True)

@@ -200,6 +200,25 @@ def test_gradient_accumulation_equivalence(monkeypatch):
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-7)
 
 
+def test_lr_warmup_and_decay_reach_both_optimizers(world):
+    from ladd.train.loop import train
+
+    out = world / "decay"
+    train(load_config(None, overrides(world, out, steps=6, **{
+        "optim.warmup_steps": "2", "optim.decay": '"linear"', "optim.lr_min_ratio": "0.2",
+        "validation.every": "0"})))
+    rows = [r for r in metrics_rows(out) if "lr_g" in r]
+    # warmup 1/2, 2/2; then linear from 1 towards 0.2 over the 4 remaining steps: 1, 0.8, 0.6, 0.4
+    factors = [0.5, 1.0, 1.0, 0.8, 0.6, 0.4]
+    assert [r["lr_g"] for r in rows] == pytest.approx([1e-3 * f for f in factors])
+    assert [r["lr_d"] for r in rows] == pytest.approx([1e-3 * f for f in factors])
+    cosine = load_config(None, ["optim.decay=cosine"]).optim
+    assert [cosine.lr_factor(s, 4) for s in range(4)] == pytest.approx([1, (1 + 0.5 ** 0.5) / 2, 0.5,
+                                                                         (1 - 0.5 ** 0.5) / 2])
+    with pytest.raises(ConfigError, match="optim.decay 'cos' is unknown"):
+        load_config(None, ["optim.decay=cos"])
+
+
 def test_config_errors_and_round_trip(tmp_path):
     with pytest.raises(ConfigError, match="did you mean 'gen_update_interval'"):
         load_config(None, ["method.gen_update_intervl=3"])

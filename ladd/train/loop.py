@@ -152,8 +152,8 @@ class Trainer:
 
     def set_lr(self) -> tuple[float, float]:
         o = self.cfg.optim
-        warm = min(1.0, (self.state.step + 1) / o.warmup_steps) if o.warmup_steps > 0 else 1.0
-        lr_g, lr_d = o.lr_g * warm, o.lr_d * warm * self.state.lr_d_scale
+        f = o.lr_factor(self.state.step, self.cfg.train.steps)
+        lr_g, lr_d = o.lr_g * f, o.lr_d * f * self.state.lr_d_scale
         for group in self.opt_g.param_groups:
             group["lr"] = lr_g
         for group in self.opt_d.param_groups:
