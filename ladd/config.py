@@ -36,6 +36,7 @@ class ModelConfig:
     disc_hidden: int = 256
     disc_cond_dim: int = 256
     disc_spectral_norm: bool = False
+    disc_projection: bool = False  # + a projection term <features, W·text> in each head's logit
     text_cond: str = "pooled"  # "pooled" caption features | "clip" (needs clip in the data)
     gradient_checkpointing: bool = False
     student: str = "full"  # "full" copy of the teacher | "lora": teacher weights + adapters (one copy)
@@ -54,6 +55,7 @@ class MethodConfig:
     """The LADD method: update schedule, re-noising, curriculum, losses."""
 
     gen_update_interval: int = 3  # disc steps per student update; blog sweeps: 3 wins after the fixes
+    disc_warmup_steps: int = 0  # the first optimizer steps train the disc alone (no student update)
     renoise_m: float = 1.0  # logit-normal mean of t̂ (sigmoid(1) ≈ 0.73)
     renoise_s: float = 1.0  # logit-normal std of t̂
     student_timesteps: tuple[float, ...] = (1.0, 0.75, 0.5, 0.25)
@@ -71,6 +73,8 @@ class MethodConfig:
         self.student_timestep_probs = tuple(float(p) for p in self.student_timestep_probs)
         if self.gen_update_interval < 1:
             raise ConfigError(f"method.gen_update_interval must be >= 1, got {self.gen_update_interval}")
+        if self.disc_warmup_steps < 0:
+            raise ConfigError(f"method.disc_warmup_steps must be >= 0, got {self.disc_warmup_steps}")
         if self.loss not in KINDS:
             raise ConfigError(f"method.loss {self.loss!r} is unknown; choose one of {', '.join(KINDS)}")
         if self.aggregate not in AGGREGATES:

@@ -111,20 +111,30 @@ def run_demo(cfg: DemoConfig) -> dict:
             if result["stopped"]:
                 print0(f"seed {seed}: training stopped early ({result['stopped']})")
 
-    rows = []
-    with _stage(timings, "evaluate"):
-        for i, run in enumerate(runs):
-            cached = run / "eval.json"
-            if cached.is_file():
-                rows.append(json.loads(cached.read_text()))
-                continue
-            r = evaluate(EvalConfig(data=str(out / "data" / "eval"), source="run", path=str(run), teacher=i == 0,
+    def evaluated(cached: Path, source: str, path: Path, teacher: bool = False) -> dict:
+        if not cached.is_file():
+            r = evaluate(EvalConfig(data=str(out / "data" / "eval"), source=source, path=str(path), teacher=teacher,
                                     ema=ema, features=cfg.features, subsets=cfg.subsets, subset_size=cfg.subset_size,
                                     pipeline=cfg.pipeline, batch_size=cfg.eval_batch))
             cached.write_text(json.dumps(r, indent=1))
-            rows.append(r)
+        return json.loads(cached.read_text())
+
+    rows, over_steps = [], {}
+    with _stage(timings, "evaluate"):
+        for i, run in enumerate(runs):
+            rows.append(evaluated(run / "eval.json", "run", run, teacher=i == 0))
+            # Every earlier checkpoint too: the validation KID over steps (step 0 is the untrained student).
+            points = [(0, rows[-1]["untrained"])]
+            for ckpt in Checkpointer(run / "checkpoints", None).finished()[:-1]:
+                step = json.loads((ckpt / "meta.json").read_text())["step"]
+                points.append((step, evaluated(run / f"eval-{ckpt.name}.json", "checkpoint", ckpt)["rows"][0]))
+            points.append((steps, rows[-1]["rows"][0]))
+            over_steps[run.name] = [{"step": step, "kid": r["kid"]["mean"],
+                                     "caption_accuracy": (r.get("caption_accuracy") or {}).get("all")}
+                                    for step, r in points]
     with _stage(timings, "report"):
         report = summarize(rows, cfg, timings, steps)  # holds `timings` itself: the report stage lands too
+        report["over_steps"] = over_steps
         grid = grid_png(cfg, out, runs[0], ema)
         (out / "report.html").write_text(render_html(report, grid, runs))
     (out / "report.json").write_text(json.dumps(report, indent=1))
@@ -183,37 +193,50 @@ def grid_png(cfg: DemoConfig, out: Path, run: Path, ema: bool = False, n: int = 
     from PIL import Image
 
     from ladd.eval.kid import load_references
-    from ladd.eval.sample import load_sampler
+    from ladd.eval.sample import load_sampler, untrained_sampler
     from ladd.images import tile
 
     refs = load_references(out / "data" / "eval", limit=n)
     res = refs.images.shape[1]
-    rows = [refs.images]
-    for source, path, use_ema in (("untrained", cfg.pipeline, False), ("run", run, ema)):
-        s = load_sampler(source, path, ema=use_ema, steps=4, device="cpu", dtype="fp32")
-        rows.append(s.images(s.latents(list(refs.prompts), list(refs.seeds), res)))
+    student = load_sampler("run", run, ema=ema, steps=4, device="cpu", dtype="fp32")
+    # The untrained row visits the student's own timesteps, as the table's baseline does.
+    untrained = untrained_sampler(student.pipe, 4, student.info["timesteps"])
+    rows = [refs.images] + [s.images(s.latents(list(refs.prompts), list(refs.seeds), res))
+                            for s in (untrained, student)]
     grid = tile(np.concatenate(rows), cols=len(rows[0]), upscale=2)
     buf = io.BytesIO()
     Image.fromarray(grid).save(buf, format="PNG")
     return base64.b64encode(buf.getvalue()).decode()
 
 
-def curves_png(runs: list[Path]) -> str:
+def curves_png(runs: list[Path], report: dict) -> str:
+    """The training metrics of every seed, then KID and caption accuracy on the eval set over steps."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     keys = ["d_loss", "g_loss", "logit_gap", "accuracy_real", "accuracy_fake", "val_latent_mse"]
-    fig, axes = plt.subplots(2, 3, figsize=(12, 6))
+    evals = {"KID on the eval set (dashed: teacher)": ("kid", report["kid"]["teacher"]["mean"]),
+             "caption accuracy on the eval set (dashed: teacher)": ("caption_accuracy",
+                                                                    report["caption_accuracy"]["teacher"])}
+    fig, axes = plt.subplots(2, 4, figsize=(16, 6))
     for run in runs:
         rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
         for ax, key in zip(axes.flat, keys):
             pts = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), int | float)]
             if pts:
                 ax.plot(*zip(*pts), label=run.name, lw=1)
-    for ax, key in zip(axes.flat, keys):
-        ax.set_title(key)
+        points = report.get("over_steps", {}).get(run.name, [])
+        for ax, (key, _) in zip(axes.flat[len(keys):], evals.values()):
+            pts = [(p["step"], p[key]) for p in points if p[key] is not None]
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=run.name, lw=1)
+    for ax, (title, (_, teacher)) in zip(axes.flat[len(keys):], evals.items()):
+        if teacher is not None and math.isfinite(teacher):
+            ax.axhline(teacher, ls="--", color="gray", lw=1)
+    for ax, title in zip(axes.flat, keys + list(evals)):
+        ax.set_title(title, fontsize=9)
         ax.set_xlabel("step")
     axes.flat[0].legend(fontsize=7)
     fig.tight_layout()
@@ -251,7 +274,7 @@ td,th{{border:1px solid #ccc;padding:4px 8px}}img{{image-rendering:pixelated;max
 <h2>Same prompts and seeds: teacher 50 steps | untrained 4 steps | LADD 4 steps (rows)</h2>
 <img src="data:image/png;base64,{grid}">
 <h2>Metrics</h2>{table}
-<h2>Training curves</h2><img src="data:image/png;base64,{curves_png(runs)}">
+<h2>Training curves</h2><img src="data:image/png;base64,{curves_png(runs, r)}">
 <h2>Stage timings</h2><table>{timing}</table>
 <h2>Configuration</h2><pre>{json.dumps(r['config'], indent=1)}</pre>
 <h2>Machine</h2><pre>{json.dumps(r['machine'], indent=1)}</pre>

@@ -11,12 +11,20 @@ def test_demo_runs_caches_and_reports(tmp_path):
     build_tiny_pipeline(seed=1).save_pretrained(tmp_path / "tiny")
     cfg = DemoConfig(out=str(tmp_path / "demo"), seeds=2, pipeline=str(tmp_path / "tiny"), n_train=8, n_eval=8,
                      steps=3, features="random-conv", subsets=5, subset_size=4,
-                     overrides=("validation.num_prompts=2",))
+                     overrides=("validation.num_prompts=2", "train.checkpoint_every=2"))
     report = run_demo(cfg)
     for key in ("teacher", "untrained", "ladd"):
         assert {"mean", "std", "n"} <= report["kid"][key].keys()
     assert report["kid"]["ladd"]["n"] == 2 and "gap_closed" in report and "ladd_vs_untrained_se" in report
     assert {"precompute", "train", "evaluate", "report"} <= report["seconds"].keys()
+    # KID over steps: the untrained student at 0, each earlier checkpoint (step 2), the final weights.
+    for seed in range(2):
+        points = report["over_steps"][f"seed-{seed}"]
+        assert [p["step"] for p in points] == [0, 2, 3]
+        final = json.loads((tmp_path / "demo" / "runs" / f"seed-{seed}" / "eval.json").read_text())["rows"][0]
+        assert points[0]["kid"] == report["kid"]["untrained"]["mean"] and points[-1]["kid"] == final["kid"]["mean"]
+        step2 = json.loads((tmp_path / "demo" / "runs" / f"seed-{seed}" / "eval-step-00000002.json").read_text())
+        assert " step 2 " in step2["rows"][0]["label"] and points[1]["kid"] == step2["rows"][0]["kid"]["mean"]
     saved = json.loads((tmp_path / "demo" / "report.json").read_text())
     assert saved["kid"]["ladd"]["mean"] == report["kid"]["ladd"]["mean"]
     html = (tmp_path / "demo" / "report.html").read_text()

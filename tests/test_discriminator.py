@@ -61,6 +61,23 @@ def test_conditioning_matters_once_film_is_trained():
     assert not torch.allclose(disc(feats, 1 - t_hat, text), base)
 
 
+def test_projection_conditions_on_text_from_init():
+    # The projection term is <mean features, W·text> / sqrt(hidden/2): the caption matters at once
+    # (FiLM still the identity), t_hat still not, and it is exactly the logit's text-dependent part.
+    plain, proj = make_disc(), make_disc(projection=True)
+    feats, t_hat, text = make_inputs()
+    base = proj(feats, t_hat, text)
+    assert not torch.allclose(proj(feats, t_hat, text * 3 + 1), base)
+    torch.testing.assert_close(proj(feats, 1 - t_hat, text), base, rtol=0, atol=0)
+    head = proj.heads["1"]
+    with torch.no_grad():
+        x = head.proj(feats[1].permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        x = torch.nn.functional.silu(head.norm2(head.conv2(torch.nn.functional.silu(head.norm1(head.conv1(x))))))
+        by_hand = head.out(x).mean(dim=(1, 2, 3)) + (x.mean(dim=(2, 3)) * head.embed(proj.text_proj(text))).sum(-1) / 4
+    torch.testing.assert_close(base[:, 0], by_hand)
+    assert sum(p.numel() for p in proj.parameters()) - sum(p.numel() for p in plain.parameters()) == 2 * 16 * 16
+
+
 def test_gradient_reaches_features_through_frozen_disc():
     # LADD's generator loss flows through a frozen discriminator into the teacher features.
     disc = make_disc()

@@ -5,7 +5,7 @@ import copy
 import pytest
 import torch
 
-from ladd.config import MethodConfig
+from ladd.config import ConfigError, MethodConfig
 from ladd.flow import interpolate
 from ladd.models.discriminator import Discriminator
 from ladd.models.text import encode_prompts, pooled
@@ -139,6 +139,20 @@ def test_ladd_step_schedule_and_metrics(setup):
     assert gen == [1.0, 0, 0, 1.0, 0, 0]
     assert len(t_spy.calls) == 2 * 2 + 4 * 1  # G-steps: real + fake; D-only: one joint pass
     assert all(c["taps"] == [1, 3, 5] or tuple(c["taps"]) == (1, 3, 5) for c in t_spy.calls)
+
+
+def test_disc_warmup_holds_the_student_then_keeps_the_interval(setup):
+    models, batch, opt_g, opt_d = setup
+    cfg = MethodConfig(gen_update_interval=3, disc_warmup_steps=2)
+    rng = torch.Generator().manual_seed(0)
+    gen, s_before = [], _snapshot(models.student)
+    for step in range(6):
+        gen.append(ladd_step(models, opt_g, opt_d, [batch], step, cfg, rng)["gen_step"])
+        if step == 1:
+            assert not _changed(s_before, models.student)  # steps 0 and 1: the disc alone
+    assert gen == [0, 0, 1.0, 0, 0, 1.0] and _changed(s_before, models.student)
+    with pytest.raises(ConfigError, match="disc_warmup_steps must be >= 0"):
+        MethodConfig(disc_warmup_steps=-1)
 
 
 def test_d_step_moves_only_the_disc_and_r1(setup):

@@ -54,7 +54,8 @@ def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tens
 class DiscHead(nn.Module):
     """One head: token projection, FiLM on the shared condition, a small conv stack, one logit."""
 
-    def __init__(self, feature_dim: int, hidden: int, cond_dim: int, spectral_norm: bool) -> None:
+    def __init__(self, feature_dim: int, hidden: int, cond_dim: int, spectral_norm: bool,
+                 projection: bool = False) -> None:
         super().__init__()
         self.proj = nn.Linear(feature_dim, hidden)
         self.film = nn.Sequential(
@@ -70,16 +71,22 @@ class DiscHead(nn.Module):
         self.conv2 = sn(nn.Conv2d(hidden, hidden // 2, 3, padding=1))
         self.norm2 = nn.GroupNorm(min(16, hidden // 2), hidden // 2)
         self.out = sn(nn.Conv2d(hidden // 2, 1, 1))
+        # Projection conditioning (Miyato & Koyama 2018): + <pooled features, W·text> / sqrt(hidden/2),
+        # a direct caption-match term in every logit (FiLM starts as the identity and learns slowly).
+        self.embed = nn.Linear(cond_dim, hidden // 2, bias=False) if projection else None
 
-    def forward(self, x: Tensor, cond: Tensor) -> Tensor:
-        """x: (B, D, h, w), cond: (B, 2*cond_dim) -> logits (B,)."""
+    def forward(self, x: Tensor, cond: Tensor, text: Tensor | None = None) -> Tensor:
+        """x: (B, D, h, w), cond: (B, 2*cond_dim), text: (B, cond_dim) (projection only) -> logits (B,)."""
         x = self.proj(x.permute(0, 2, 3, 1))  # (B, h, w, hidden): Linear acts per token
         scale, shift = self.film(cond).chunk(2, dim=-1)  # (B, hidden) each
         x = x * (1 + scale[:, None, None, :]) + shift[:, None, None, :]
         x = x.permute(0, 3, 1, 2)  # back to a channel-first grid for the convs
         x = F.silu(self.norm1(self.conv1(x)))
         x = F.silu(self.norm2(self.conv2(x)))
-        return self.out(x).mean(dim=(1, 2, 3))
+        logit = self.out(x).mean(dim=(1, 2, 3))
+        if self.embed is not None:
+            logit = logit + (x.mean(dim=(2, 3)) * self.embed(text)).sum(-1) / math.sqrt(x.shape[1])
+        return logit
 
 
 class Discriminator(nn.Module):
@@ -94,6 +101,7 @@ class Discriminator(nn.Module):
         hidden: int = 256,
         cond_dim: int = 256,
         spectral_norm: bool = False,
+        projection: bool = False,
         num_teacher_layers: int | None = None,
     ) -> None:
         super().__init__()
@@ -107,7 +115,7 @@ class Discriminator(nn.Module):
         self.cond_dim = cond_dim
         self.text_proj = nn.Linear(text_dim, cond_dim)
         self.heads = nn.ModuleDict(
-            {str(k): DiscHead(feature_dim, hidden, cond_dim, spectral_norm) for k in layers}
+            {str(k): DiscHead(feature_dim, hidden, cond_dim, spectral_norm, projection) for k in layers}
         )
 
     def forward(self, feats: Mapping[int, Tensor], t_hat: Tensor, text_cond: Tensor) -> Tensor:
@@ -117,8 +125,9 @@ class Discriminator(nn.Module):
         # Teacher features may arrive in bf16 while the heads run in fp32; cast to the heads' dtype
         # (the cast is differentiable, so the generator's gradient still reaches the features).
         t_emb = timestep_embedding(t_hat, self.cond_dim).to(dtype)
-        cond = torch.cat([t_emb, self.text_proj(text_cond.to(dtype))], dim=-1)
-        logits = [self.heads[str(k)](feats[k].to(dtype), cond) for k in self.layers]
+        text = self.text_proj(text_cond.to(dtype))
+        cond = torch.cat([t_emb, text], dim=-1)
+        logits = [self.heads[str(k)](feats[k].to(dtype), cond, text) for k in self.layers]
         return torch.stack(logits, dim=1)
 
     def num_parameters(self) -> int:

@@ -63,7 +63,8 @@ class Trainer:
         self.disc = Discriminator(
             feature_dim=self.teacher.dim, layers=cfg.model.disc_layers, text_dim=text_dim,
             hidden=cfg.model.disc_hidden, cond_dim=cfg.model.disc_cond_dim,
-            spectral_norm=cfg.model.disc_spectral_norm, num_teacher_layers=self.teacher.num_layers,
+            spectral_norm=cfg.model.disc_spectral_norm, projection=cfg.model.disc_projection,
+            num_teacher_layers=self.teacher.num_layers,
         ).to(d.device)
         if d.enabled:
             distributed.shard_adapter(self.student, self.bf16)

@@ -235,7 +235,9 @@ def discriminator_step(
 
 
 def is_gen_step(step: int, cfg: MethodConfig) -> bool:
-    return step % cfg.gen_update_interval == 0
+    """The student updates every `gen_update_interval` steps, from the end of the disc's warmup."""
+    after = step - cfg.disc_warmup_steps
+    return after >= 0 and after % cfg.gen_update_interval == 0
 
 
 def ladd_step(
