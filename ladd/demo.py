@@ -128,7 +128,8 @@ def run_demo(cfg: DemoConfig) -> dict:
             for ckpt in Checkpointer(run / "checkpoints", None).finished()[:-1]:
                 step = json.loads((ckpt / "meta.json").read_text())["step"]
                 points.append((step, evaluated(run / f"eval-{ckpt.name}.json", "checkpoint", ckpt)["rows"][0]))
-            points.append((steps, rows[-1]["rows"][0]))
+            final = rows[-1]["rows"][0]
+            points.append((final["info"].get("step", steps), final))  # a stopped run ends early
             over_steps[run.name] = [{"step": step, "kid": r["kid"]["mean"],
                                      "caption_accuracy": (r.get("caption_accuracy") or {}).get("all")}
                                     for step, r in points]
