@@ -123,13 +123,11 @@ def run_demo(cfg: DemoConfig) -> dict:
     with _stage(timings, "evaluate"):
         for i, run in enumerate(runs):
             rows.append(evaluated(run / "eval.json", "run", run, teacher=i == 0))
-            # Every earlier checkpoint too: the validation KID over steps (step 0 is the untrained student).
-            points = [(0, rows[-1]["untrained"])]
-            for ckpt in Checkpointer(run / "checkpoints", None).finished()[:-1]:
-                step = json.loads((ckpt / "meta.json").read_text())["step"]
-                points.append((step, evaluated(run / f"eval-{ckpt.name}.json", "checkpoint", ckpt)["rows"][0]))
-            final = rows[-1]["rows"][0]
-            points.append((final["info"].get("step", steps), final))  # a stopped run ends early
+            # Every earlier checkpoint too: the validation KID over steps (step 0 is the untrained student;
+            # each student row names its checkpoint's step, so a run stopped early ends where it stopped).
+            earlier = [evaluated(run / f"eval-{ckpt.name}.json", "checkpoint", ckpt)["rows"][0]
+                       for ckpt in Checkpointer(run / "checkpoints", None).finished()[:-1]]
+            points = [(0, rows[-1]["untrained"])] + [(r["info"]["step"], r) for r in [*earlier, rows[-1]["rows"][0]]]
             over_steps[run.name] = [{"step": step, "kid": r["kid"]["mean"],
                                      "caption_accuracy": (r.get("caption_accuracy") or {}).get("all")}
                                     for step, r in points]
