@@ -64,6 +64,7 @@ class MethodConfig:
     loss: str = "hinge"  # "hinge" | "nonsaturating"
     aggregate: str = "mean_heads"  # per-head losses averaged (LADD paper) | "sum_logits" (the blog)
     r1_weight: float = 0.0  # γ; adds γ/2·E‖∇D(real features)‖² to the disc loss when > 0
+    distill_weight: float = 0.0  # λ > 0: student inputs use the teacher's own initial noise, + λ·‖x̂0 − x0‖²
     grad_clip_g: float = 1.0  # max grad norm of the student (0 = no clipping, norm still measured)
     grad_clip_d: float = 1.0
     allow_hinge_batch_of_one: bool = False  # see check_micro_batch: hinge on 1 sample saturates
@@ -83,6 +84,8 @@ class MethodConfig:
             raise ConfigError(f"method.renoise_s must be > 0, got {self.renoise_s}")
         if self.r1_weight < 0:
             raise ConfigError(f"method.r1_weight must be >= 0, got {self.r1_weight}")
+        if self.distill_weight < 0:
+            raise ConfigError(f"method.distill_weight must be >= 0, got {self.distill_weight}")
         try:
             self.curriculum()
         except ValueError as e:

@@ -11,6 +11,7 @@ whose run reached its last step, and evaluations already written beside each run
 from __future__ import annotations
 
 import base64
+import html
 import io
 import json
 import math
@@ -36,6 +37,10 @@ class DemoConfig:
     n_train: int | None = None  # default 256 (quick: 128)
     n_eval: int | None = None  # default 256 (quick: 128)
     steps: int | None = None  # training steps; default: the config's (quick: a third)
+    # Training samples draw their teacher noise from seeds train_seed + i, the eval set from 0 + i (and
+    # eval seed s from i + s·1e6): a student distilled from the teacher's own (noise, latent) pairs
+    # (method.distill_weight) never meets a training noise at eval.
+    train_seed: int = 500_000
     features: str = "inception"
     subsets: int = 20
     subset_size: int = 100
@@ -91,7 +96,8 @@ def run_demo(cfg: DemoConfig) -> dict:
         for split in ("train", "eval"):
             run_precompute(PrecomputeConfig(
                 pipeline=cfg.pipeline, prompts=str(out / f"{split}.txt"), out=str(out / "data" / split),
-                steps=50, guidance=5.0, batch_size=32, decode_first=cfg.n_eval if split == "eval" else 0))
+                steps=50, guidance=5.0, batch_size=32, seed=cfg.train_seed if split == "train" else 0,
+                decode_first=cfg.n_eval if split == "eval" else 0))
 
     base = load_config(cfg.config, list(cfg.overrides))
     ema = base.train.ema_decay > 0  # a run that keeps an EMA is judged (and exported) by it
@@ -134,6 +140,8 @@ def run_demo(cfg: DemoConfig) -> dict:
     with _stage(timings, "report"):
         report = summarize(rows, cfg, timings, steps)  # holds `timings` itself: the report stage lands too
         report["over_steps"] = over_steps
+        report["train_config"] = json.loads((runs[0] / "config.json").read_text())  # seed 0's, fully resolved
+        report["method"] = method_line(report["train_config"]["method"])
         grid = grid_png(cfg, out, runs[0], ema)
         (out / "report.html").write_text(render_html(report, grid, runs))
     (out / "report.json").write_text(json.dumps(report, indent=1))
@@ -178,6 +186,14 @@ def summarize(rows: list[dict], cfg: DemoConfig, timings: dict, steps: int) -> d
                     "python": platform.python_version()},
     }
     return report
+
+
+def method_line(m: dict) -> str:
+    """The student's loss in words, from the resolved `[method]` section."""
+    line = f"LADD ({m['loss']} loss, G every {m['gen_update_interval']} steps, re-noise m = {m['renoise_m']})"
+    if m.get("distill_weight", 0) > 0:
+        line += f" + {m['distill_weight']:g} × paired distillation ‖x̂0 − x0‖² (from each latent's own teacher noise)"
+    return line
 
 
 def headline(r: dict) -> str:
@@ -270,11 +286,13 @@ def render_html(r: dict, grid: str, runs: list[Path]) -> str:
 td,th{{border:1px solid #ccc;padding:4px 8px}}img{{image-rendering:pixelated;max-width:100%}}</style></head><body>
 <h1>LADD on the toy world</h1>
 <p>{headline(r)}</p>
+<p>Student loss: {html.escape(r.get('method', ''))}</p>
 <h2>Same prompts and seeds: teacher 50 steps | untrained 4 steps | LADD 4 steps (rows)</h2>
 <img src="data:image/png;base64,{grid}">
 <h2>Metrics</h2>{table}
 <h2>Training curves</h2><img src="data:image/png;base64,{curves_png(runs, r)}">
 <h2>Stage timings</h2><table>{timing}</table>
 <h2>Configuration</h2><pre>{json.dumps(r['config'], indent=1)}</pre>
+<h3>Training (seed 0, resolved)</h3><pre>{html.escape(json.dumps(r.get('train_config'), indent=1))}</pre>
 <h2>Machine</h2><pre>{json.dumps(r['machine'], indent=1)}</pre>
 </body></html>"""

@@ -25,11 +25,12 @@ def initial_noise(
     if resolution % factor:
         raise ValueError(f"resolution {resolution} must be a multiple of {factor} (VAE factor × patch 2)")
     size = 2 * (resolution // factor)
-    channels = channels or pipe.transformer.config.in_channels
-    out = [
-        torch.randn((1, channels, size, size), generator=torch.Generator("cpu").manual_seed(int(s)))
-        for s in seeds
-    ]
+    return seeded_noise(seeds, (channels or pipe.transformer.config.in_channels, size, size))
+
+
+def seeded_noise(seeds: Sequence[int], shape: Sequence[int]) -> Tensor:
+    """One (C, H, W) noise per seed, each drawn alone on the CPU: (len(seeds), C, H, W)."""
+    out = [torch.randn((1, *shape), generator=torch.Generator("cpu").manual_seed(int(s))) for s in seeds]
     return torch.cat(out, dim=0)
 
 

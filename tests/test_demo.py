@@ -3,6 +3,8 @@
 import json
 import shutil
 
+from safetensors import safe_open
+
 from ladd.demo import DemoConfig, run_demo
 from ladd.models.tiny import build_tiny_pipeline
 
@@ -25,10 +27,15 @@ def test_demo_runs_caches_and_reports(tmp_path):
         assert points[0]["kid"] == report["kid"]["untrained"]["mean"] and points[-1]["kid"] == final["kid"]["mean"]
         step2 = json.loads((tmp_path / "demo" / "runs" / f"seed-{seed}" / "eval-step-00000002.json").read_text())
         assert " step 2 " in step2["rows"][0]["label"] and points[1]["kid"] == step2["rows"][0]["kid"]["mean"]
+    # The training data's teacher noise never reappears at eval (a paired-distillation student saw it).
+    seeds = {split: set(safe_open(tmp_path / "demo" / "data" / split / "shard-00000.safetensors", "pt")
+                        .get_tensor("seeds").tolist()) for split in ("train", "eval")}
+    assert len(seeds["train"]) == 8 and seeds["eval"] == set(range(8)) and not seeds["train"] & seeds["eval"]
     saved = json.loads((tmp_path / "demo" / "report.json").read_text())
     assert saved["kid"]["ladd"]["mean"] == report["kid"]["ladd"]["mean"]
     html = (tmp_path / "demo" / "report.html").read_text()
     assert html.count("data:image/png;base64,") == 2 and "gap closed" in html  # self-contained
+    assert saved["train_config"]["train"]["seed"] == 0 and "+ 10 × paired distillation" in saved["method"]
     again = run_demo(cfg)  # finished stages are reused: no training, no evaluation
     assert "train" not in again["seconds"] and again["kid"]["ladd"] == report["kid"]["ladd"]
 

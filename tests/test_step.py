@@ -155,6 +155,38 @@ def test_disc_warmup_holds_the_student_then_keeps_the_interval(setup):
         MethodConfig(disc_warmup_steps=-1)
 
 
+def test_distillation_uses_the_teacher_noise_and_adds_the_regression(setup):
+    """method.distill_weight λ: the student input is (1 − t)·x0 + t·ε_T with x0's own initial noise ε_T,
+    and the student's gradient is that of g_loss + λ·mean((x̂0 − x0)²), computed here by hand."""
+    models, batch, opt_g, opt_d = setup
+    pair_eps = torch.randn(batch.x0.shape, generator=torch.Generator().manual_seed(9))
+    paired = Batch(batch.x0, batch.cap_feats, batch.text_cond, pair_eps)
+    cfg = MethodConfig(distill_weight=2.0, student_timestep_probs=(0, 0, 0, 1.0))
+    # By hand, on a copy of the student, from the same random draws.
+    t, _, t_hat, eps1, _ = draw_noise(paired, 0, cfg, torch.Generator().manual_seed(4))
+    ref = copy.deepcopy(models.student)
+    x_t = 0.75 * batch.x0 + 0.25 * pair_eps
+    x0_hat = x_t - t.view(-1, 1, 1, 1) * ref(x_t, t, batch.cap_feats).velocity
+    feats = models.teacher(interpolate(x0_hat, eps1, t_hat), t_hat, batch.cap_feats, taps=models.disc.layers,
+                           velocity=False).feats
+    mse = (x0_hat - batch.x0).square().mean()
+    (-models.disc(feats, t_hat, batch.text_cond).mean() + 2.0 * mse).backward()
+    want = [p.grad for p in trainable(ref)]
+    spy, got, opt_step = Spy(models.student), [], opt_g.step
+    opt_g.step = lambda *a: (got.extend(p.grad.clone() for p in trainable(models.student)), opt_step(*a))
+    metrics, _ = generator_step(models, opt_g, [paired], 0, cfg, torch.Generator().manual_seed(4))
+    torch.testing.assert_close(spy.calls[0]["x"], x_t)
+    assert metrics["distill_loss"] == pytest.approx(mse.item(), rel=1e-5)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6)
+    # D-only steps draw the student's input from the same paired noise.
+    spy.calls.clear()
+    disc_inputs_no_grad(models, paired, 1, cfg, torch.Generator().manual_seed(4))
+    torch.testing.assert_close(spy.calls[0]["x"], x_t)
+    with pytest.raises(ConfigError, match="distill_weight must be >= 0"):
+        MethodConfig(distill_weight=-1)
+
+
 def test_d_step_moves_only_the_disc_and_r1(setup):
     models, batch, opt_g, opt_d = setup
     cfg = MethodConfig(r1_weight=1.0)

@@ -312,6 +312,32 @@ def test_ema_and_text_dropout(world):
     assert all(torch.equal(c, empty_cond) for c in batch.text_cond)
 
 
+def test_distillation_pairs_each_latent_with_the_teacher_noise_that_made_it(world):
+    """With method.distill_weight > 0 each batch carries x0's initial noise; ZImagePipeline started from
+    that noise (the precompute's sampling: 4 steps, CFG 5) returns that x0."""
+    from ladd.train.loop import Trainer
+
+    trainer = Trainer(load_config(None, overrides(world, world / "pairs", **{"method.distill_weight": "1.0"})))
+    first = trainer.data.epoch_indices(0)[:2].tolist()
+    (batch,) = trainer.next_micro_batches()
+    pipe = build_tiny_pipeline(seed=2)
+    for j, i in enumerate(first):
+        x0 = pipe(PROMPTS[i], height=32, width=32, num_inference_steps=4, guidance_scale=5.0,
+                  latents=batch.pair_eps[j : j + 1], output_type="latent").images
+        torch.testing.assert_close(x0[0], batch.x0[j], atol=1e-4, rtol=0)
+    assert Trainer(load_config(None, overrides(world, world / "pairs"))).next_micro_batches()[0].pair_eps is None
+
+
+def test_eval_warns_when_a_distilled_student_meets_its_training_noise(world):
+    from ladd.eval.commands import seen_noise_warning
+
+    config = {"method": {"distill_weight": 1.0}, "data": {"path": str(world / "data")}}  # seeds 0..7
+    assert "3 eval noises were training noises" in seen_noise_warning(config, [5, 6, 7, 8, 9], [0])
+    assert seen_noise_warning(config, [5, 6, 7], [1]) is None  # eval seed 1: noise seeds 1e6 + 5..7
+    assert seen_noise_warning(config, [100, 101], [0]) is None
+    assert seen_noise_warning({**config, "method": {"distill_weight": 0.0}}, [5], [0]) is None
+
+
 def test_drift_guard_stops_a_student_that_leaves_the_teacher(world):
     """A student blown away from the teacher (huge lr, G every step) is stopped by the drift guard;
     at step 0 the student is the teacher, so its drift is exactly 1."""

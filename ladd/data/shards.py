@@ -230,6 +230,7 @@ class ShardBatch(NamedTuple):
     pooled: Tensor  # (B, cap_feat_dim) float32: the default disc text conditioning
     clip: Tensor | None  # (B, clip_dim) float32 when the data has CLIP embeddings
     indices: Tensor  # (B,) int64 sample indices (line numbers of prompts.jsonl)
+    seeds: Tensor  # (B,) int64 the seed of each sample's initial noise
 
 
 class ShardDataset:
@@ -333,6 +334,7 @@ class ShardDataset:
             pooled=torch.stack([s["pooled"] for s in samples]),
             clip=None if clip[0] is None else torch.stack(clip),
             indices=torch.tensor([s["index"] for s in samples], dtype=torch.int64),
+            seeds=torch.tensor([s["seed"] for s in samples], dtype=torch.int64),
         )
 
     def state_dict(self) -> dict:

@@ -99,6 +99,30 @@ def score(sampler, refs, real, extractor, cfg: EvalConfig, seed_offset: int = 0)
             "info": sampler.info, "seconds": round(time.perf_counter() - t0, 2)}
 
 
+def seen_noise_warning(config: dict, ref_seeds, eval_seeds) -> str | None:
+    """One line when a paired-distillation student is scored on noise it was trained from.
+
+    With `method.distill_weight` > 0 the student learned each training latent from its own teacher noise
+    (the training data's seeds); the same noise at eval, even with another prompt, flatters its KID.
+    """
+    from ladd.data.shards import DataError, read_manifest
+
+    if not config.get("method", {}).get("distill_weight", 0) > 0:
+        return None
+    try:
+        manifest = read_manifest(config["data"]["path"])
+    except (DataError, OSError, KeyError):
+        return None  # the training data moved: nothing to compare with
+    lo = manifest["sampling"]["seed"]
+    hi = lo + manifest["num_samples"]
+    seen = sum(lo <= r + s * SEED_STRIDE < hi for s in eval_seeds for r in ref_seeds)
+    if not seen:
+        return None
+    return (f"warning: {seen} eval noises were training noises of this student (method.distill_weight > 0 "
+            f"learns each training latent from its teacher noise, seeds {lo}..{hi - 1}), so its KID is "
+            f"optimistic; precompute the training data with a --seed whose range misses the eval's")
+
+
 def _cached_row(path: Path, make) -> dict:
     if path.is_file():
         row = json.loads(path.read_text())
@@ -146,6 +170,12 @@ def evaluate(cfg: EvalConfig) -> dict:
                                     steps=cfg.steps, device=device, dtype=cfg.dtype, pipe=pipe)
         if cfg.source == "exported" and model.info.get("teacher_fingerprint", fingerprint) != fingerprint:
             raise ValueError(f"{cfg.path} was distilled from another teacher than the one of {cfg.data}")
+        if cfg.source != "exported":
+            from ladd.train.checkpoint import read_config
+
+            warning = seen_noise_warning(read_config(sample.find_checkpoint(cfg.path)), refs.seeds, cfg.seeds)
+            if warning:
+                print(warning)
     timesteps = model.info["timesteps"] if model else None
     common = [fingerprint, images_hash(refs.images), extractor.name, cfg.subsets, cfg.subset_size,
               list(cfg.seeds), cfg.fid, str(sample.dtype_for(cfg.dtype, device))]

@@ -27,6 +27,7 @@ from ladd.models.discriminator import Discriminator
 from ladd.models.loading import load_pipeline, resolve_pipeline
 from ladd.models.lora import TeacherView, add_lora
 from ladd.models.zimage import ZImageAdapter
+from ladd.sampling import seeded_noise
 from ladd.train.checkpoint import Checkpointer, TrainState, fault
 from ladd.train.health import Health
 from ladd.train.logging import MetricsLog
@@ -139,7 +140,10 @@ class Trainer:
                     for i in torch.nonzero(drop).flatten().tolist():
                         caps[i] = empty[0]
                         cond[i] = empty[1]
-            out.append(Batch(b.latents.to(self.dist.device), caps, cond))
+            pair_eps = None
+            if cfg.method.distill_weight > 0:  # each x0's own initial noise, by the precompute's seed rule
+                pair_eps = seeded_noise(b.seeds.tolist(), b.latents.shape[1:]).to(self.dist.device)
+            out.append(Batch(b.latents.to(self.dist.device), caps, cond, pair_eps))
         return out
 
     def empty_caption(self) -> tuple[torch.Tensor, torch.Tensor]:

@@ -13,6 +13,9 @@
          the frozen teacher (weights requires_grad False, but not under no_grad); g_loss(disc(F_fake))
          -> student update. The same F_fake (detached) then feeds the D-step: one fake teacher pass.
 
+    PAIRED DISTILLATION (method.distill_weight λ > 0, not in the blog): ε in step 1 is x0's own teacher
+    noise (the precompute's seed rule) and the G-step loss is g_loss + λ·mean((x̂0 − x0)²).
+
 `generator_step` and `discriminator_step` each own their optimizer, zero_grad, clipping and
 requires_grad handling; `ladd_step` composes them. A list of micro-batches is one optimizer step
 (gradient accumulation: each micro-batch's loss is scaled by 1/n and back-propagated at once, so only
@@ -44,6 +47,7 @@ class Batch:
     x0: Tensor  # (B, C, H, W) teacher latents (50 steps, CFG), float32
     cap_feats: list[Tensor]  # B × (L_i, cap_feat_dim) caption features
     text_cond: Tensor  # (B, text_dim) disc conditioning: pooled caption features or CLIP
+    pair_eps: Tensor | None = None  # (B, C, H, W) the teacher's initial noise of each x0 (distillation)
 
     def __len__(self) -> int:
         return self.x0.shape[0]
@@ -119,6 +123,10 @@ def draw_noise(batch: Batch, step: int, cfg: MethodConfig, rng: torch.Generator)
     t_hat = logit_normal(B, cfg.renoise_m, cfg.renoise_s, generator=rng, device=device)
     eps1 = torch.randn(x0.shape, generator=rng, device=device)
     eps2 = torch.randn(x0.shape, generator=rng, device=device)
+    if cfg.distill_weight > 0:
+        if batch.pair_eps is None:
+            raise ValueError("method.distill_weight > 0 needs each sample's teacher noise (Batch.pair_eps)")
+        eps = batch.pair_eps  # drawn above all the same, so the random stream does not depend on it
     return t, eps, t_hat, eps1, eps2
 
 
@@ -174,7 +182,7 @@ def generator_step(
     opt_g.zero_grad(set_to_none=True)
     n = len(micro_batches)
     out: list[DiscInputs] = []
-    t_total = 0.0
+    t_total, distill_total = 0.0, 0.0
     for i, batch in enumerate(micro_batches):
         set_gradient_sync(student, i == n - 1)  # reduce gradients once, after the last micro-batch
         t, eps, t_hat, eps1, eps2 = draw_noise(batch, step, cfg, rng)
@@ -185,13 +193,20 @@ def generator_step(
         fake_feats = teacher_taps(teacher, fake, t_hat, batch.cap_feats, disc.layers)  # live graph
         with frozen(disc):
             fake_logits = disc(fake_feats, t_hat, batch.text_cond)
-            g_loss = losses.g_loss(fake_logits, cfg.loss, cfg.aggregate)
-            (g_loss / n).backward()
+            loss = losses.g_loss(fake_logits, cfg.loss, cfg.aggregate)
+            if cfg.distill_weight > 0:
+                distill = (x0_hat - batch.x0).square().mean()
+                loss = loss + cfg.distill_weight * distill
+                distill_total += distill.item() / n
+            (loss / n).backward()
         t_total += t.mean().item() / n
         out.append(DiscInputs(real_feats, {k: f.detach() for k, f in fake_feats.items()}, t_hat, batch.text_cond))
     grad_norm = apply_update(trainable(student), opt_g, cfg.grad_clip_g)
     # g_loss itself is reported by the D-step, from the same fake logits under the same disc.
-    return {"student_grad_norm": grad_norm, "t_mean": t_total}, out
+    metrics = {"student_grad_norm": grad_norm, "t_mean": t_total}
+    if cfg.distill_weight > 0:
+        metrics["distill_loss"] = distill_total
+    return metrics, out
 
 
 def discriminator_step(
