@@ -102,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--quick", action="store_true", help="one seed, a third of the steps, 128 + 128 prompts")
     demo.add_argument("--pipeline", default="toy")
     demo.add_argument("--n-train", type=int, default=None, help="training prompts (default 256; --quick: 128)")
-    demo.add_argument("--n-eval", type=int, default=None, help="held-out eval prompts (default 256; --quick: 128)")
+    demo.add_argument("--n-eval", type=int, default=None, help="held-out eval prompts (default 192; --quick: 128)")
     demo.add_argument("--smoke", action="store_true", help="only the seconds-long foundation smoke run")
     demo.add_argument("--seed", type=int, default=0, help="seed of the smoke run")
     demo.set_defaults(func=cmd_demo)

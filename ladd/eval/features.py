@@ -113,7 +113,8 @@ class InceptionV3Features(FeatureExtractor):
         if tuple(x.shape[-2:]) != self.size:
             x = tf1_bilinear(x, self.size)
         x = x / 128.0 - 1.0  # 0..255 -> [-1, 0.9921875], the TF graph's input range
-        return self.net(x).float()
+        # channels_last: the same features (within 1e-5), 1.1-1.2x faster on a 2-core CPU (bench/inception_speed.py).
+        return self.net(x.contiguous(memory_format=torch.channels_last)).float()
 
 
 class RandomConvFeatures(FeatureExtractor):
