@@ -81,7 +81,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     from ladd.eval.commands import EvalConfig, evaluate
     from ladd.models.toy import world
     from ladd.models.toy.build import pipeline_world
-    from ladd.train.checkpoint import Checkpointer
+    from ladd.train.checkpoint import Checkpointer, read_config
     from ladd.train.loop import train
 
     out = Path(cfg.out)
@@ -141,7 +141,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     with _stage(timings, "report"):
         report = summarize(rows, cfg, timings, steps)  # holds `timings` itself: the report stage lands too
         report["over_steps"] = over_steps
-        report["train_config"] = json.loads((runs[0] / "config.json").read_text())  # seed 0's, fully resolved
+        report["train_config"] = read_config(runs[0])  # seed 0's, fully resolved
         report["method"] = method_line(report["train_config"]["method"])
         grid = grid_png(cfg, out, runs[0], ema)
         (out / "report.html").write_text(render_html(report, grid, runs))
