@@ -197,7 +197,8 @@ class HealthConfig:
     nan_patience: int = 5  # consecutive non-finite losses before the run stops
     collapse_window: int = 100  # steps over which the logit gap is averaged
     collapse_gap: float = 0.05  # |mean logit gap| below this over the window ...
-    collapse_d_loss: float = 1.8  # ... while the mean d_loss stays above this -> collapse
+    collapse_d_loss: float = 1.8  # ... while the mean d_loss stays above this -> collapse, unless ...
+    collapse_drift: float = 1.3  # ... a validation within the window has drift at most this (0: never excuse)
     diversity_fraction: float = 0.2  # validation images closer than this × the teacher's spread -> collapse
     drift_factor: float = 2.2  # validation latent MSE to the teacher above this × the untrained student's -> collapse
     on_collapse: str = "warn"  # "warn" | "stop" | "rollback"
@@ -206,6 +207,8 @@ class HealthConfig:
     def __post_init__(self):
         if self.drift_factor <= 1:
             raise ConfigError(f"health.drift_factor must be > 1 (a multiple of the untrained student's MSE), got {self.drift_factor}")
+        if self.collapse_drift < 0:
+            raise ConfigError(f"health.collapse_drift must be >= 0 (0: the logit-gap rule never waits for validation), got {self.collapse_drift}")
         if self.on_collapse not in ("warn", "stop", "rollback"):
             raise ConfigError(f"health.on_collapse {self.on_collapse!r}: choose 'warn', 'stop' or 'rollback'")
 

@@ -76,12 +76,13 @@ def _mean_std(values: list[float]) -> dict:
 
 
 def run_demo(cfg: DemoConfig) -> dict:
-    from ladd.config import load_config
+    from ladd.config import HealthConfig, load_config
     from ladd.data.precompute import PrecomputeConfig, run_precompute
     from ladd.eval.commands import EvalConfig, evaluate
     from ladd.models.toy import world
     from ladd.models.toy.build import pipeline_world
     from ladd.train.checkpoint import Checkpointer, read_config
+    from ladd.train.health import read_metrics, replay
     from ladd.train.loop import train
 
     out = Path(cfg.out)
@@ -143,6 +144,8 @@ def run_demo(cfg: DemoConfig) -> dict:
         report["over_steps"] = over_steps
         report["train_config"] = read_config(runs[0])  # seed 0's, fully resolved
         report["method"] = method_line(report["train_config"]["method"])
+        report["health"] = {run.name: replay(HealthConfig(**read_config(run)["health"]),
+                                             read_metrics(run / "metrics.jsonl")) for run in runs}
         grid = grid_png(cfg, out, runs[0], ema)
         (out / "report.html").write_text(render_html(report, grid, runs))
     (out / "report.json").write_text(json.dumps(report, indent=1))
@@ -201,7 +204,15 @@ def headline(r: dict) -> str:
     k = r["kid"]
     return (f"KID teacher {k['teacher']['mean']:.4f} | untrained {k['untrained']['mean']:.4f} | LADD "
             f"{k['ladd']['mean']:.4f} ± {k['ladd']['std']:.4f} (n={k['ladd']['n']}); gap closed "
-            f"{r['gap_closed']:.2f}; (untrained − LADD) / SE = {r['ladd_vs_untrained_se']:.1f}")
+            f"{r['gap_closed']:.2f}; (untrained − LADD) / SE = {r['ladd_vs_untrained_se']:.1f}; {guards_line(r)}")
+
+
+def guards_line(r: dict) -> str:
+    """Which health guards fired in which seed (replayed from each run's metrics.jsonl)."""
+    guards = ("collapse_logits", "diversity", "drift")
+    fired = [f"{name} ({', '.join(g for g in guards if v[g])})"
+             for name, v in r.get("health", {}).items() if any(v[g] for g in guards)]
+    return "health guards fired: " + "; ".join(fired) if fired else "no health guard fired"
 
 
 def grid_png(cfg: DemoConfig, out: Path, run: Path, ema: bool = False, n: int = 8) -> str:

@@ -233,21 +233,13 @@ def run_trial_here(spec_file: str | Path) -> dict:
 
 def health_status(cfg, trained: dict) -> str:
     """The trainer's own health rules, replayed over the run's metrics.jsonl."""
-    from ladd.train.health import Health
+    from ladd.train.health import read_metrics, replay
 
     stopped = {"stop_nonfinite": "diverged", "stop_collapse": "collapsed"}.get(trained.get("stopped"))
     if stopped:
         return stopped
-    health, collapsed, ratio, drift = Health(cfg.health), False, None, None
-    metrics = Path(cfg.train.out) / "metrics.jsonl"
-    for line in metrics.read_text().splitlines() if metrics.is_file() else []:
-        row = {k: float(v) if isinstance(v, str) else v for k, v in json.loads(line).items()}
-        if "d_loss" in row and "logit_gap" in row:
-            collapsed |= health.observe(row)["collapse_logits"]
-        ratio = row.get("val_diversity_ratio", ratio)
-        drift = row.get("val_drift", drift)
-    collapsed |= ratio is not None and ratio < cfg.health.diversity_fraction
-    collapsed |= drift is not None and drift > cfg.health.drift_factor
+    fired = replay(cfg.health, read_metrics(Path(cfg.train.out) / "metrics.jsonl"))
+    collapsed = fired["collapse_logits"] or fired["diversity"] or fired["drift"]
     return "collapsed" if collapsed else "ok"
 
 

@@ -36,6 +36,9 @@ def test_demo_runs_caches_and_reports(tmp_path):
     html = (tmp_path / "demo" / "report.html").read_text()
     assert html.count("data:image/png;base64,") == 2 and "gap closed" in html  # self-contained
     assert saved["train_config"]["train"]["seed"] == 0 and "+ 10 × paired distillation" in saved["method"]
+    # The guards, replayed per seed from metrics.jsonl (3 steps: too few for the 100-step logit-gap window).
+    assert set(saved["health"]) == {"seed-0", "seed-1"}
+    assert not any(v["collapse_logits"] for v in saved["health"].values()) and "health guard" in html
     again = run_demo(cfg)  # finished stages are reused: no training, no evaluation
     assert "train" not in again["seconds"] and again["kid"]["ladd"] == report["kid"]["ladd"]
 
@@ -58,3 +61,12 @@ def test_demo_judges_a_run_with_ema_by_its_ema_weights(tmp_path):
     # Same data, seeds and training: only the judged weights differ (EMA 0.5 over 3 steps ≠ the raw student).
     assert ema["kid"]["untrained"] == raw["kid"]["untrained"]
     assert row["latent_mse"] != raw_row["latent_mse"]
+
+
+def test_guards_line_names_the_seeds_and_guards_that_fired():
+    from ladd.demo import guards_line
+
+    calm = {"collapse_logits": False, "diversity": False, "drift": False, "excused_steps": 40}
+    assert guards_line({"health": {"seed-0": calm}}) == "no health guard fired"
+    fired = {"seed-0": calm, "seed-2": {**calm, "collapse_logits": True, "drift": True}}
+    assert guards_line({"health": fired}) == "health guards fired: seed-2 (collapse_logits, drift)"

@@ -123,6 +123,9 @@ def test_health_rules_mark_trials(tmp_path):
     rows += [{"step": 10 + i, "d_loss": 2.0, "logit_gap": 0.001} for i in range(6)]
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert health_status(cfg, {"stopped": None}) == "collapsed"
+    near = rows[:10] + [{"step": 10, "val_diversity_ratio": 0.9, "val_drift": 1.1}] + rows[11:]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in near))
+    assert health_status(cfg, {"stopped": None}) == "ok"  # the disc at chance, the student near the teacher
     (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 3, "val_diversity_ratio": 0.05}) + "\n")
     assert health_status(cfg, {"stopped": None}) == "collapsed"
     drifted = [{"step": 0, "val_diversity_ratio": 0.9, "val_drift": 1.0},

@@ -146,12 +146,12 @@ def test_collapse_detector_on_synthetic_runs():
     from ladd.train.health import Health
 
     health = Health(HealthConfig(collapse_window=20))
-    fired = [health.observe({"d_loss": 2.0, "g_loss": 0.0, "logit_gap": 0.01 * (-1) ** i})["collapse_logits"]
+    fired = [health.observe({"d_loss": 2.0, "g_loss": 0.0, "logit_gap": 0.01 * (-1) ** i}, i)["collapse_logits"]
              for i in range(25)]
     assert not any(fired[:19]) and all(fired[19:])
     healthy = Health(HealthConfig(collapse_window=20))
-    assert not any(healthy.observe({"d_loss": 1.2, "g_loss": 0.5, "logit_gap": 3.0})["collapse_logits"]
-                   for _ in range(25))
+    assert not any(healthy.observe({"d_loss": 1.2, "g_loss": 0.5, "logit_gap": 3.0}, i)["collapse_logits"]
+                   for i in range(25))
     teacher = torch.randn(6, 16, 8, 8)
     same = teacher[:1].repeat(6, 1, 1, 1) + 0.01 * torch.randn(6, 16, 8, 8)
     assert health.diversity_collapsed(same, teacher)[1]
@@ -159,6 +159,59 @@ def test_collapse_detector_on_synthetic_runs():
     # Drift: the toy world's collapsed run had 5.1× its untrained MSE, healthy ones ≤ 1.1× (default 3).
     assert health.drift_collapsed(1.908, 0.371) == (1.908 / 0.371, True)
     assert not health.drift_collapsed(0.41, 0.371)[1]
+
+
+def test_the_gap_rule_holds_its_fire_only_while_a_fresh_validation_shows_the_student_near_the_teacher():
+    """A disc at chance is excused by a validation drift <= collapse_drift no older than the window;
+    a larger drift, a stale validation, or none at all lets the rule fire as before."""
+    from ladd.config import HealthConfig
+    from ladd.train.health import Health
+
+    chance = {"d_loss": 2.0, "g_loss": 0.0, "logit_gap": 0.0}
+
+    def fired(drift_at: int | None, drift: float, steps: int = 40, **cfg) -> list[bool]:
+        health = Health(HealthConfig(collapse_window=20, **cfg))
+        out = []
+        for i in range(steps):
+            if i == drift_at:
+                health.validated(i, drift)
+            out.append(health.observe(chance, i)["collapse_logits"])
+        return out
+
+    near = fired(5, 1.07)
+    assert not any(near[:26]) and all(near[26:])  # excused through step 25, then the validation is stale
+    assert all(fired(5, 1.5)[19:])  # the student has moved away: a collapse
+    assert all(fired(None, 1.0)[19:]) and all(fired(5, 1.07, collapse_drift=0)[19:])
+    assert all(fired(0, 1.0)[19:])  # step 0's validation is the teacher itself: no evidence either way
+    health = Health(HealthConfig(collapse_window=20))
+    health.validated(1, 1.1)
+    events = [health.observe(chance, i) for i in range(20)]
+    assert events[-1]["excused"] and health.excused == 1 and not any(e["excused"] for e in events[:-1])
+    health.reset()  # a rollback forgets the validation: the restored weights were not measured
+    after = [health.observe(chance, 20 + i)["collapse_logits"] for i in range(20)]
+    assert not any(after[:19]) and after[19]  # a full window again, and no validation to excuse it
+
+
+def test_the_gap_rule_on_real_toy_runs():
+    """Recorded runs (tests/data/health_runs.json): two good distilled demo seeds whose slow disc sat at
+    chance over steps 200-300 (the rule without the drift check warned 26 and 34 times) are excused; a
+    pure-LADD run that collapsed (KID 0.187 against the untrained 0.0168) is still caught."""
+    from pathlib import Path
+
+    from ladd.config import HealthConfig
+    from ladd.train.health import replay
+
+    runs = json.loads((Path(__file__).parent / "data" / "health_runs.json").read_text())["runs"]
+    for name, run in runs.items():
+        rows = [{"step": s, "logit_gap": g, "d_loss": d} for s, g, d in run["train"]]
+        rows += [{"step": s, "val_drift": v} for s, v in run["val"]]
+        # metrics.jsonl's order: update s - 1's row (step s) is written before the validation at step s.
+        rows.sort(key=lambda r: (r["step"], "val_drift" in r))
+        new, old = replay(HealthConfig(), rows), replay(HealthConfig(collapse_drift=0), rows)
+        assert old["collapse_logits"], name  # the disc was at chance in every one of them
+        assert new["collapse_logits"] == (run["verdict"] == "collapsed"), name
+        if run["verdict"] == "good":
+            assert new["excused_steps"] > 0 and not new["drift"], name
 
 
 def test_gradient_accumulation_equivalence(monkeypatch):

@@ -197,6 +197,7 @@ class Trainer:
             if not stop_reason and (last_step or step == 0 or (every > 0 and step % every == 0)):
                 v = validator.run(step)
                 log.write(step, v)
+                self.health.validated(step, v["val_drift"])
                 if v.get("diversity_collapse") and not last_step:
                     stop_reason = self.on_collapse("validation images of different prompts are near-identical")
                 elif v.get("drift_collapse") and not last_step:
@@ -223,7 +224,7 @@ class Trainer:
             if self.ema is not None and is_gen_step(step, cfg.method):
                 self.update_ema()
             metrics = distributed.mean_over_ranks(metrics, d.device)
-            events = self.health.observe(metrics)
+            events = self.health.observe(metrics, step)
             state.skipped += int(events["nonfinite"])
             state.step += 1
             dt = time.perf_counter() - t0
@@ -243,6 +244,12 @@ class Trainer:
                 stop_reason = "stop_nonfinite"
             elif events["collapse_logits"]:
                 stop_reason = self.on_collapse("the disc's logit gap has stayed near zero with d_loss high")
+            elif events["excused"] and self.health.excused == 1:
+                h = cfg.health
+                print0(f"health: the disc is at chance (|logit gap| < {h.collapse_gap:g}, d_loss > {h.collapse_d_loss:g} over "
+                       f"{h.collapse_window} steps) while the student stays near the teacher (validation drift "
+                       f"{self.health.drift[1]:.2f}× <= health.collapse_drift {h.collapse_drift:g}): read as a student "
+                       f"that fools the disc, not a collapse; if KID stalls, a faster disc (optim.lr_d) may help")
         bar.close()
         log.close()
         result = {"step": state.step, "stopped": stop_reason or None, "skipped_updates": state.skipped,
