@@ -94,12 +94,16 @@ def run_demo(cfg: DemoConfig) -> dict:
             path = out / f"{split}.txt"
             if not path.is_file():
                 path.write_text("\n".join(world.prompts(n, split, seed=0, **scene)) + "\n")
+    reused = set()  # stages whose work an earlier invocation did: the report keeps that one's seconds
     with _stage(timings, "precompute"):
         for split in ("train", "eval"):
-            run_precompute(PrecomputeConfig(
+            reused.add("precompute")
+            summary = run_precompute(PrecomputeConfig(
                 pipeline=cfg.pipeline, prompts=str(out / f"{split}.txt"), out=str(out / "data" / split),
                 steps=50, guidance=5.0, batch_size=32, seed=cfg.train_seed if split == "train" else 0,
                 decode_first=cfg.n_eval if split == "eval" else 0))
+            if not summary.nothing_to_do:
+                reused.discard("precompute")
 
     base = load_config(cfg.config, list(cfg.overrides))
     ema = base.train.ema_decay > 0  # a run that keeps an EMA is judged (and exported) by it
@@ -119,8 +123,11 @@ def run_demo(cfg: DemoConfig) -> dict:
             if result["stopped"]:
                 print0(f"seed {seed}: training stopped early ({result['stopped']})")
 
+    reused.update({"train", "evaluate"} - timings.keys())
+
     def evaluated(cached: Path, source: str, path: Path, teacher: bool = False) -> dict:
         if not cached.is_file():
+            reused.discard("evaluate")
             r = evaluate(EvalConfig(data=str(out / "data" / "eval"), source=source, path=str(path), teacher=teacher,
                                     ema=ema, features=cfg.features, subsets=cfg.subsets, subset_size=cfg.subset_size,
                                     pipeline=cfg.pipeline, batch_size=cfg.eval_batch))
@@ -139,8 +146,12 @@ def run_demo(cfg: DemoConfig) -> dict:
             over_steps[run.name] = [{"step": step, "kid": r["kid"]["mean"],
                                      "caption_accuracy": (r.get("caption_accuracy") or {}).get("all")}
                                     for step, r in points]
+    earlier = json.loads((out / "report.json").read_text()).get("seconds", {}) if (out / "report.json").is_file() else {}
+    reused &= earlier.keys()
+    timings.update({stage: earlier[stage] for stage in reused})
     with _stage(timings, "report"):
-        report = summarize(rows, cfg, timings, steps)  # holds `timings` itself: the report stage lands too
+        report = summarize(rows, cfg, timings, steps)
+        report["seconds_reused"] = sorted(reused)  # holds `timings` itself: the report stage lands too
         report["over_steps"] = over_steps
         report["train_config"] = read_config(runs[0])  # seed 0's, fully resolved
         report["method"] = method_line(report["train_config"]["method"])
@@ -292,7 +303,9 @@ def render_html(r: dict, grid: str, runs: list[Path]) -> str:
 </table>
 <p>gap closed (KID): <b>{fmt(r['gap_closed'])}</b> · (untrained − LADD) / standard error:
 <b>{fmt(r['ladd_vs_untrained_se'])}</b></p>"""
-    timing = "".join(f"<tr><td>{name}</td><td>{sec:.0f} s</td></tr>" for name, sec in r["seconds"].items())
+    reused = set(r.get("seconds_reused", []))
+    timing = "".join(f"<tr><td>{name}</td><td>{sec:.0f} s{' (reused: an earlier run did this stage)' if name in reused else ''}"
+                     f"</td></tr>" for name, sec in r["seconds"].items())
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>ladd demo</title>
 <style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto}}table{{border-collapse:collapse}}
 td,th{{border:1px solid #ccc;padding:4px 8px}}img{{image-rendering:pixelated;max-width:100%}}</style></head><body>

@@ -40,7 +40,11 @@ def test_demo_runs_caches_and_reports(tmp_path):
     assert set(saved["health"]) == {"seed-0", "seed-1"}
     assert not any(v["collapse_logits"] for v in saved["health"].values()) and "health guard" in html
     again = run_demo(cfg)  # finished stages are reused: no training, no evaluation
-    assert "train" not in again["seconds"] and again["kid"]["ladd"] == report["kid"]["ladd"]
+    assert again["kid"]["ladd"] == report["kid"]["ladd"]
+    # ... and the report keeps the seconds the first run measured for them, saying so.
+    assert again["seconds_reused"] == ["evaluate", "precompute", "train"]
+    assert all(again["seconds"][k] == report["seconds"][k] for k in again["seconds_reused"])
+    assert "reused: an earlier run did this stage" in (tmp_path / "demo" / "report.html").read_text()
 
 
 def test_demo_judges_a_run_with_ema_by_its_ema_weights(tmp_path):
