@@ -150,8 +150,8 @@ def run_demo(cfg: DemoConfig) -> dict:
     reused &= earlier.keys()
     timings.update({stage: earlier[stage] for stage in reused})
     with _stage(timings, "report"):
-        report = summarize(rows, cfg, timings, steps)
-        report["seconds_reused"] = sorted(reused)  # holds `timings` itself: the report stage lands too
+        report = summarize(rows, cfg, timings, steps)  # holds `timings` itself: the report stage lands too
+        report["seconds_reused"] = sorted(reused)
         report["over_steps"] = over_steps
         report["train_config"] = read_config(runs[0])  # seed 0's, fully resolved
         report["method"] = method_line(report["train_config"]["method"])

@@ -4,10 +4,11 @@
    while d_loss stays high (hinge: 2.0 means both ReLUs are fully active, i.e. chance) — and the
    student has moved away from the teacher. A disc at chance is also what a student that matches the
    teacher looks like: on the toy world two distilled demo seeds (among the best: KID 0.0025, 0.0019)
-   sat at chance over steps 200-300 with validation drift 1.10× and 1.07×, while the two gap-caught
-   collapses drifted to 1.5× and 2.8×. So while the latest validation (at most a window old) puts the
-   student within `collapse_drift` (1.3) × the untrained student's distance, the rule holds its fire
-   and the loop says so once.
+   sat at chance over steps 200-300 with validation drift 1.07-1.20× throughout, while the pure-LADD
+   collapse this rule catches (KID 11× the untrained student's) was at 1.39× by its first validation
+   (docs/toy-world.md). So while a validation at most a window old puts the student within
+   `collapse_drift` (1.3) × the untrained student's distance, the rule holds its fire and the loop
+   says so once.
 2. Different prompts give near-identical images: the mean pairwise distance between the student's
    validation outputs falls below a fraction of the teacher's (the blog's "same speckled noise for
    every prompt").
@@ -118,8 +119,9 @@ def read_metrics(path: Path) -> list[dict]:
 
 
 def replay(cfg: HealthConfig, rows: list[dict]) -> dict:
-    """The guards' verdicts over a run's metrics.jsonl rows, as the loop reached them: training rows
-    carry the step count after their update (hence step - 1), validation rows the step they ran at."""
+    """The guards' verdicts over a run's metrics.jsonl rows, as the loop reached them (training rows
+    carry the step count after their update, hence step - 1; validation rows the step they ran at),
+    except that the final validation's drift and diversity count too: the run ended that way."""
     health, fired = Health(cfg), {"collapse_logits": False, "diversity": False, "drift": False}
     for row in rows:
         if "val_drift" in row:
