@@ -94,16 +94,13 @@ def run_demo(cfg: DemoConfig) -> dict:
             path = out / f"{split}.txt"
             if not path.is_file():
                 path.write_text("\n".join(world.prompts(n, split, seed=0, **scene)) + "\n")
-    reused = set()  # stages whose work an earlier invocation did: the report keeps that one's seconds
     with _stage(timings, "precompute"):
-        for split in ("train", "eval"):
-            reused.add("precompute")
-            summary = run_precompute(PrecomputeConfig(
-                pipeline=cfg.pipeline, prompts=str(out / f"{split}.txt"), out=str(out / "data" / split),
-                steps=50, guidance=5.0, batch_size=32, seed=cfg.train_seed if split == "train" else 0,
-                decode_first=cfg.n_eval if split == "eval" else 0))
-            if not summary.nothing_to_do:
-                reused.discard("precompute")
+        done = [run_precompute(PrecomputeConfig(
+            pipeline=cfg.pipeline, prompts=str(out / f"{split}.txt"), out=str(out / "data" / split),
+            steps=50, guidance=5.0, batch_size=32, seed=cfg.train_seed if split == "train" else 0,
+            decode_first=cfg.n_eval if split == "eval" else 0)).nothing_to_do for split in ("train", "eval")]
+    # Stages whose work an earlier invocation did: the report keeps that one's seconds.
+    reused = {"precompute"} if all(done) else set()
 
     base = load_config(cfg.config, list(cfg.overrides))
     ema = base.train.ema_decay > 0  # a run that keeps an EMA is judged (and exported) by it
