@@ -33,7 +33,7 @@ import torch
 
 from ladd.data import shards as fmt
 from ladd.data.precompute import PrecomputeConfig, Teacher
-from ladd.data.prompts import token_lengths
+from ladd.models.text import token_lengths
 
 WORDS = ("a the red blue small large old cat dog on under near with photo painting of bright dark tree house "
          "river mountain sky portrait woman man city street night light golden hour wide shot close-up film "

@@ -1,11 +1,11 @@
 """How good is the toy teacher, and how much do few steps lose? (the toy-world issue's targets)
 
 Samples held-out eval prompts with the teacher at 50 steps + CFG 5 and unguided at 1, 2 and 4 steps,
-decodes them, and measures caption accuracy (ladd.models.toy.fidelity) and KID (Inception features,
+decodes them, and measures caption accuracy (ladd.toy.fidelity) and KID (Inception features,
 ladd.eval) against the 50-step samples — next to the KID between two 50-step sets drawn
 with different seeds (the noise floor). Prints one JSON line and writes image grids.
 
-    python bench/toy_teacher.py --pipeline assets/toy-zimage --n 256 --grid docs/img
+    python bench/toy_teacher.py --pipeline ladd/toy/assets/toy-zimage --n 256 --grid docs/img
 """
 
 from __future__ import annotations
@@ -22,9 +22,9 @@ from ladd.flow import image_seq_len, teacher_sigmas
 from ladd.images import tile, to_uint8, write_png
 from ladd.models.loading import load_pipeline
 from ladd.models.text import encode_prompts
-from ladd.models.toy import world
-from ladd.models.toy.build import pipeline_world
-from ladd.models.toy.fidelity import caption_accuracy
+from ladd.toy import world
+from ladd.toy.build import pipeline_world
+from ladd.toy.fidelity import caption_accuracy
 from ladd.models.zimage import ZImageAdapter
 from ladd.sampling import decode, euler_sample, initial_noise
 

@@ -23,7 +23,7 @@ def cmd_toy_tiny(args: argparse.Namespace) -> int:
 def cmd_toy_build(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
-    from ladd.models.toy.build import ToyBuildConfig, build_toy, quick_config
+    from ladd.toy.build import ToyBuildConfig, build_toy, quick_config
 
     cfg = quick_config(seed=args.seed) if args.quick else ToyBuildConfig(seed=args.seed)
     if args.steps is not None:
@@ -33,8 +33,8 @@ def cmd_toy_build(args: argparse.Namespace) -> int:
 
 
 def cmd_toy_prompts(args: argparse.Namespace) -> int:
-    from ladd.models.toy.build import pipeline_world
-    from ladd.models.toy.world import prompts
+    from ladd.toy.build import pipeline_world
+    from ladd.toy.world import prompts
 
     lines = "\n".join(prompts(args.n, args.split, seed=args.seed, **pipeline_world(args.pipeline))) + "\n"
     if args.out == "-":
@@ -82,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.set_defaults(func=cmd_toy_tiny)
 
     build = toy_sub.add_parser("build", help="train the toy-world teacher pipeline from scratch (~CPU minutes)")
-    build.add_argument("--out", required=True, help="output folder (the shipped one is assets/toy-zimage)")
+    build.add_argument("--out", required=True, help="output folder (the shipped one is ladd/toy/assets/toy-zimage)")
     build.add_argument("--seed", type=int, default=0)
     build.add_argument("--steps", type=int, default=None, help="teacher training steps (default: the build config's)")
     build.add_argument("--quick", action="store_true", help="a one-minute smoke build (not a usable teacher)")

@@ -31,7 +31,7 @@ class ConfigError(ValueError):
 
 @dataclass(kw_only=True)
 class ModelConfig:
-    pipeline: str = "toy"  # a ZImagePipeline folder; "toy" = the embedded toy teacher (assets/toy-zimage)
+    pipeline: str = "toy"  # a ZImagePipeline folder; "toy" = the embedded toy teacher (ladd/toy/assets/toy-zimage)
     disc_layers: list[int] = field(default_factory=lambda: [5, 10, 15, 20, 25, 29])
     disc_hidden: int = 256
     disc_cond_dim: int = 256

@@ -79,8 +79,8 @@ def run_demo(cfg: DemoConfig) -> dict:
     from ladd.config import HealthConfig, load_config
     from ladd.data.precompute import PrecomputeConfig, run_precompute
     from ladd.eval.commands import EvalConfig, evaluate
-    from ladd.models.toy import world
-    from ladd.models.toy.build import pipeline_world
+    from ladd.toy import world
+    from ladd.toy.build import pipeline_world
     from ladd.train.checkpoint import Checkpointer, read_config
     from ladd.train.health import read_metrics, replay
     from ladd.train.loop import train
@@ -228,7 +228,7 @@ def grid_png(cfg: DemoConfig, out: Path, run: Path, ema: bool = False, n: int = 
     from PIL import Image
 
     from ladd.eval.kid import load_references
-    from ladd.eval.sample import load_sampler, untrained_sampler
+    from ladd.eval.samplers import load_sampler, untrained_sampler
     from ladd.images import tile
 
     refs = load_references(out / "data" / "eval", limit=n)

@@ -136,3 +136,8 @@ def student_sigmas(timesteps: Sequence[float] = (1.0, 0.75, 0.5, 0.25), device=N
 def image_seq_len(latent_h: int, latent_w: int, patch_size: int = 2) -> int:
     """Image tokens for a latent of this size (what the pipeline feeds `calculate_shift`)."""
     return (latent_h // patch_size) * (latent_w // patch_size)
+
+
+def latent_mse(latents: Tensor, teacher: Tensor) -> float:
+    """Mean squared error to the teacher's latent of the same prompt and seed (a paired metric)."""
+    return float(torch.mean((latents.float().cpu() - teacher.float().cpu()) ** 2))

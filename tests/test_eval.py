@@ -26,12 +26,16 @@ def make_world(tmp_path_factory) -> Path:
         return root
     from ladd.config import load_config
     from ladd.data.precompute import PrecomputeConfig, run_precompute
+    from ladd.models.loading import write_world
     from ladd.models.tiny import build_tiny_pipeline
-    from ladd.models.toy.world import prompts
+    from ladd.toy.build import CAPTION_SCORER
+    from ladd.toy.world import prompts
     from ladd.train.loop import train
 
     root.mkdir(parents=True, exist_ok=True)
     build_tiny_pipeline(seed=2).save_pretrained(root / "tiny")
+    # The tiny teacher is asked toy-world prompts: declare the toy world's caption scorer for it.
+    write_world(root / "tiny", "toy", CAPTION_SCORER)
     (root / "train.txt").write_text("\n".join(TRAIN_PROMPTS) + "\n")
     (root / "eval.txt").write_text("\n".join(prompts(6, split="eval", seed=0)) + "\n")
     run_precompute(PrecomputeConfig(pipeline=str(root / "tiny"), prompts=str(root / "train.txt"),
@@ -106,7 +110,7 @@ def test_inception_torchscript_gives_2048_pool_features():
 
 
 def test_eval_kid_equals_torchmetrics_on_generated_images(world, tmp_path):
-    from ladd.eval import sample
+    from ladd.eval import samplers
     from ladd.eval.commands import EvalConfig, evaluate
     from ladd.eval.kid import load_references
     from ladd.models.loading import load_pipeline
@@ -126,7 +130,7 @@ def test_eval_kid_equals_torchmetrics_on_generated_images(world, tmp_path):
     # The same images, scored by torchmetrics from pixels: eval seed 1 = noise seeds ref + 1·SEED_STRIDE.
     pipe = load_pipeline(world / "tiny")
     refs = load_references(world / "eval")
-    s = sample.run_sampler(pipe, world / "run", ema=True)
+    s = samplers.run_sampler(pipe, world / "run", ema=True)
     seeds = [r + 1_000_000 for r in refs.seeds]
     fake = s.images(s.latents(refs.prompts, seeds, refs.resolution))
     mean, _ = torchmetrics_kid(build_extractor("random-conv"), refs.images, fake, 4, 4, seed=1)
@@ -135,12 +139,12 @@ def test_eval_kid_equals_torchmetrics_on_generated_images(world, tmp_path):
 
 
 def test_untrained_baseline_is_computed_once(world, monkeypatch):
-    from ladd.eval import sample
+    from ladd.eval import samplers
     from ladd.eval.commands import EvalConfig, evaluate
 
     calls = []
-    real = sample.Sampler.latents
-    monkeypatch.setattr(sample.Sampler, "latents", lambda self, *a, **k: calls.append(self.kind) or real(self, *a, **k))
+    real = samplers.Sampler.latents
+    monkeypatch.setattr(samplers.Sampler, "latents", lambda self, *a, **k: calls.append(self.kind) or real(self, *a, **k))
     cfg = dict(data=str(world / "eval"), features="random-conv", seeds=(0, 2), **SUBSETS, **CPU)
     first = evaluate(EvalConfig(**cfg))
     assert calls == ["untrained", "untrained"] and first["untrained"]["cached"] is False

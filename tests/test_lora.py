@@ -91,7 +91,7 @@ def test_lora_run_exports_a_pipeline_and_a_lora_file(tmp_path):
     from ladd.config import load_config
     from ladd.data.precompute import PrecomputeConfig, run_precompute
     from ladd.eval.export import export_student
-    from ladd.eval.sample import load_sampler
+    from ladd.eval.samplers import load_sampler
     from ladd.train.loop import train
 
     build_tiny_pipeline(seed=2).save_pretrained(tmp_path / "tiny")

@@ -7,7 +7,7 @@ from diffusers import ZImagePipeline
 
 from ladd.models.text import encode_prompts
 from ladd.models.tiny import build_tiny_pipeline, build_tokenizer
-from ladd.models.toy.build import build_toy, encode_captions, quick_config, word_merges
+from ladd.toy.build import build_toy, encode_captions, quick_config, word_merges
 
 MICRO = dict(n_images=32, vae_steps=2, vae_batch=4, steps=2, batch=4, warmup=1, threads=1)
 

@@ -1,4 +1,4 @@
-"""The shipped toy teacher (assets/toy-zimage): loads offline and fast, and has learned its world.
+"""The shipped toy teacher (ladd/toy/assets/toy-zimage): loads offline and fast, and has learned its world.
 
 These tests load the committed pipeline and sample it; they never train it.
 """
@@ -12,9 +12,9 @@ from ladd.flow import image_seq_len, teacher_sigmas
 from ladd.images import to_uint8
 from ladd.models.loading import TOY_PIPELINE, load_pipeline
 from ladd.models.text import encode_prompts
-from ladd.models.toy import world
-from ladd.models.toy.build import pipeline_world
-from ladd.models.toy.fidelity import caption_accuracy
+from ladd.toy import world
+from ladd.toy.build import pipeline_world
+from ladd.toy.fidelity import caption_accuracy
 from ladd.models.zimage import ZImageAdapter
 from ladd.sampling import decode, euler_sample, initial_noise
 

@@ -1,7 +1,7 @@
 """Toy world: seeded sampling, the caption grammar, prompt splits, and the caption-fidelity checker.
 
 The fidelity checks run on rendered scenes, clean and degraded the way a decoded generation might
-be. Measured with `python -m ladd.models.toy.fidelity --n 2000` (docs/toy-world.md), `all` was
+be. Measured with `python -m ladd.toy.fidelity --n 2000` (docs/toy-world.md), `all` was
 >= 99.6 % in every condition (clean, blur3, blur5, noise, shift, combo) and every wrong caption
 (changed background, object colour or shape) was rejected; the tests below use 300 scenes and
 the 98 % bar of the spec.
@@ -13,8 +13,8 @@ from collections import deque
 import numpy as np
 import pytest
 
-from ladd.models.toy import fidelity, world
-from ladd.models.toy.world import CaptionSpec, caption, parse_caption, sample_scene, spec_of
+from ladd.toy import fidelity, world
+from ladd.toy.world import CaptionSpec, caption, parse_caption, sample_scene, spec_of
 
 
 def test_make_batch_is_deterministic_per_seed():

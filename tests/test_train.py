@@ -143,7 +143,7 @@ def test_apply_update_skips_nonfinite():
 
 def test_collapse_detector_on_synthetic_runs():
     from ladd.config import HealthConfig
-    from ladd.train.health import Health
+    from ladd.train.health import CONTINUE, Health, diversity_ratio, drift_ratio
 
     health = Health(HealthConfig(collapse_window=20))
     fired = [health.observe({"d_loss": 2.0, "g_loss": 0.0, "logit_gap": 0.01 * (-1) ** i}, i)["collapse_logits"]
@@ -154,11 +154,19 @@ def test_collapse_detector_on_synthetic_runs():
                    for i in range(25))
     teacher = torch.randn(6, 16, 8, 8)
     same = teacher[:1].repeat(6, 1, 1, 1) + 0.01 * torch.randn(6, 16, 8, 8)
-    assert health.diversity_collapsed(same, teacher)[1]
-    assert not health.diversity_collapsed(teacher + 0.1 * torch.randn_like(teacher), teacher)[1]
-    # Drift: the toy world's collapsed run had 5.1× its untrained MSE, healthy ones ≤ 1.1× (default 3).
-    assert health.drift_collapsed(1.908, 0.371) == (1.908 / 0.371, True)
-    assert not health.drift_collapsed(0.41, 0.371)[1]
+    varied = teacher + 0.1 * torch.randn_like(teacher)
+    assert diversity_ratio(same, teacher) < 0.05 and diversity_ratio(varied, teacher) > 0.9
+    stop = Health(HealthConfig(on_collapse="stop"))
+    assert stop.after_validation(5, 1.0, diversity_ratio(same, teacher), last_step=False).action == "stop"
+    assert stop.after_validation(5, 1.0, diversity_ratio(varied, teacher), last_step=False) == CONTINUE
+    # Drift: the toy world's collapsed run had 5.1× its untrained MSE, healthy ones ≤ 1.1×.
+    assert drift_ratio(1.908, 0.371) == 1.908 / 0.371
+    drifted = stop.after_validation(5, drift_ratio(1.908, 0.371), 0.9, last_step=False)
+    assert (drifted.action, drifted.cause) == ("stop", "collapse") and "5.1×" in drifted.message
+    assert stop.after_validation(5, drift_ratio(0.41, 0.371), 0.9, last_step=False) == CONTINUE
+    assert stop.after_validation(5, 9.9, 0.01, last_step=True) == CONTINUE  # the final one only reports
+    warn = Health(HealthConfig()).after_validation(5, 9.9, 0.9, last_step=False)
+    assert (warn.action, warn.cause) == ("continue", "collapse")
 
 
 def test_the_gap_rule_holds_its_fire_only_while_a_fresh_validation_shows_the_student_near_the_teacher():
@@ -405,3 +413,57 @@ def test_drift_guard_stops_a_student_that_leaves_the_teacher(world):
     assert val[0]["step"] == 0 and val[0]["val_drift"] == pytest.approx(1.0)
     assert result["stopped"] == "stop_collapse" and result["step"] < 12
     assert val[-1]["val_drift"] > HealthConfig().drift_factor
+
+
+def _collapse_once_at(monkeypatch, at_step: int) -> list[int]:
+    """Make validation report a drifted student exactly once, at `at_step`; return the list that
+    records every `ladd_step` call's step (and is_gen_step's) as the loop makes it."""
+    import ladd.train.loop as loop
+    from ladd.train.validation import Validator
+
+    real_run, real_step, fired, steps = Validator.run, loop.ladd_step, [], []
+
+    def run(self, step, student, teacher):
+        metrics = real_run(self, step, student, teacher)
+        if step == at_step and not fired:
+            fired.append(step)
+            metrics["val_drift"] = 99.0
+        return metrics
+
+    def record(models, opt_g, opt_d, micro, step, method, rng):
+        steps.append(step)
+        return real_step(models, opt_g, opt_d, micro, step, method, rng)
+
+    monkeypatch.setattr(Validator, "run", run)
+    monkeypatch.setattr(loop, "ladd_step", record)
+    return steps
+
+
+def test_rollback_at_validation_goes_on_from_the_restored_step(world, monkeypatch, capsys):
+    """A drift collapse seen by the validation at step 3 rolls back to the step-2 checkpoint: the next
+    LADD step is step 2 again (its G/D schedule, curriculum and LR all from the restored step), and the
+    run ends at its planned step count with the disc's LR halved."""
+    from ladd.train.loop import train
+
+    steps = _collapse_once_at(monkeypatch, at_step=3)
+    result = train(load_config(None, overrides(world, world / "rollback", steps=6, **{
+        "health.on_collapse": '"rollback"', "optim.warmup_steps": "6"})))
+    assert steps == [0, 1, 2, 2, 3, 4, 5]
+    assert result["step"] == 6 and result["stopped"] is None
+    assert "rolled back to step 2; lr_d scaled by 0.5" in capsys.readouterr().out
+    rows = [r for r in metrics_rows(world / "rollback") if "lr_g" in r]
+    # The LR follows the step actually trained: step 2's warmup factor 3/6, once before and once after.
+    assert [r["lr_g"] for r in rows if r["step"] == 3] == [pytest.approx(1e-3 * 3 / 6)] * 2
+    assert [r["lr_d"] for r in rows if r["step"] == 3] == [pytest.approx(1e-3 * 3 / 6), pytest.approx(0.5e-3 * 3 / 6)]
+
+
+def test_rollback_without_a_checkpoint_stops_and_says_so(world, monkeypatch, capsys):
+    """health.on_collapse = "rollback" before the first checkpoint has nothing to restore: one line
+    says so and the run stops (a collapsed student is not trained on), reported as a collapse stop."""
+    from ladd.train.loop import train
+
+    steps = _collapse_once_at(monkeypatch, at_step=3)
+    result = train(load_config(None, overrides(world, world / "rollback-none", steps=6, **{
+        "health.on_collapse": '"rollback"', "train.checkpoint_every": "4"})))
+    assert result["stopped"] == "stop_collapse" and result["step"] == 3 and steps == [0, 1, 2]
+    assert "no checkpoint to roll back to yet (the first is due at step 4); stopping instead" in capsys.readouterr().out

@@ -34,8 +34,9 @@ import torch
 
 from ladd import distributed
 from ladd.data import shards as fmt
-from ladd.data.prompts import PromptFile, PromptFileError, read_prompts, token_lengths
+from ladd.data.prompts import PromptFile, PromptFileError, read_prompts
 from ladd.models.loading import PipelineError, resolve_pipeline
+from ladd.models.text import token_lengths
 
 MAX_SEQUENCE_LENGTH = 512  # ZImagePipeline's default: longer prompts are truncated to it
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}

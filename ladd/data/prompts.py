@@ -8,7 +8,7 @@
 Sample i is the i-th non-empty prompt of the file: empty (or whitespace-only) lines and prompts are
 skipped and counted, never turned into an empty-caption sample. Bytes that are not UTF-8 stop the read
 with the line number, so that a half-decoded caption never reaches the teacher. Over-long prompts are
-counted with the pipeline's tokenizer by `token_lengths`.
+counted with the pipeline's tokenizer by `ladd.models.text.token_lengths`.
 """
 
 from __future__ import annotations
@@ -50,17 +50,6 @@ def read_prompts(path: str | Path) -> PromptFile:
     if not prompts:
         raise PromptFileError(f"{path}: no prompts (all {len(raw)} entries are empty)")
     return PromptFile(prompts=prompts, skipped_empty=len(raw) - len(prompts), source=str(path))
-
-
-def token_lengths(tokenizer, prompts: list[str]) -> list[int]:
-    """Tokens per prompt as ZImagePipeline counts them: chat template, then the tokenizer (untruncated)."""
-    texts = [
-        tokenizer.apply_chat_template(
-            [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True, enable_thinking=True
-        )
-        for p in prompts
-    ]
-    return [len(ids) for ids in tokenizer(texts, verbose=False).input_ids]  # verbose: no "too long" warning
 
 
 def _utf8_text(path: Path) -> str:

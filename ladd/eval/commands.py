@@ -62,7 +62,7 @@ class EvalConfig:
 
 
 def _teacher_dir(cfg: EvalConfig, manifest: dict) -> Path:
-    from ladd.eval.sample import EXPORT_INFO, run_teacher_dir
+    from ladd.eval.samplers import EXPORT_INFO, run_teacher_dir
     from ladd.models.loading import resolve_pipeline
 
     if cfg.pipeline:
@@ -75,10 +75,12 @@ def _teacher_dir(cfg: EvalConfig, manifest: dict) -> Path:
     return resolve_pipeline(manifest["teacher"]["pipeline"])
 
 
-def score(sampler, refs, real, extractor, cfg: EvalConfig, seed_offset: int = 0) -> dict:
-    """One result row: generate the eval prompts at each eval seed, then KID/FID/latent MSE/captions."""
+def score(sampler, refs, real, extractor, cfg: EvalConfig, seed_offset: int = 0, captions=None) -> dict:
+    """One result row: generate the eval prompts at each eval seed, then KID/FID/latent MSE, and caption
+    scores when the teacher's world has a scorer (`captions`, ladd/eval/captions.py)."""
     from ladd.eval.features import extract_features
-    from ladd.eval.kid import caption_scores, fid_score, kid_score, latent_mse, summarize
+    from ladd.eval.kid import fid_score, kid_score, summarize
+    from ladd.flow import latent_mse
 
     t0, per_seed = time.perf_counter(), []
     for s in cfg.seeds:
@@ -92,7 +94,7 @@ def score(sampler, refs, real, extractor, cfg: EvalConfig, seed_offset: int = 0)
             "kid": kid_score(real, fake, cfg.subsets, cfg.subset_size, seed=s),
             "fid": fid_score(real, fake) if cfg.fid else None,
             "latent_mse": latent_mse(latents, refs.latents) if offset == 0 else None,  # paired only
-            "caption_accuracy": caption_scores(images, refs.prompts),
+            "caption_accuracy": captions(images, refs.prompts) if captions else None,
         })
     return {"label": sampler.label, "kind": sampler.kind, "steps": sampler.steps, "guidance": sampler.guidance,
             **summarize(per_seed), "noise_seed_offset": seed_offset, "num_images": len(refs.prompts),
@@ -139,14 +141,20 @@ def _key(*parts) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def _world_text(path: Path) -> str:
+    """The world declaration as part of the cache keys: another scorer is another row."""
+    return path.read_text() if path.is_file() else ""
+
+
 def evaluate(cfg: EvalConfig) -> dict:
     """Rows for the model (if any), the untrained baseline (cached) and the teacher (if asked, cached)."""
     import torch
 
     from ladd.data.shards import read_manifest, teacher_fingerprint
-    from ladd.eval import sample
+    from ladd.eval import samplers
     from ladd.eval.features import build_extractor
-    from ladd.eval.kid import cache_dir, caption_scores, images_hash, load_references, reference_features
+    from ladd.eval.captions import WORLD_FILE, scorer_for
+    from ladd.eval.kid import cache_dir, images_hash, load_references, reference_features
     from ladd.models.loading import load_pipeline
 
     manifest = read_manifest(cfg.data)
@@ -155,46 +163,48 @@ def evaluate(cfg: EvalConfig) -> dict:
     if fingerprint != manifest["teacher"]["fingerprint"]:
         raise ValueError(f"{cfg.data} was made by another teacher than {teacher_dir} (fingerprints differ): "
                          "KID against it would measure the teachers' difference")
-    device = torch.device(cfg.device) if cfg.device else sample.default_device()
-    pipe = load_pipeline(teacher_dir, device, sample.dtype_for(cfg.dtype, device))
+    device = torch.device(cfg.device) if cfg.device else samplers.default_device()
+    pipe = load_pipeline(teacher_dir, device, samplers.dtype_for(cfg.dtype, device))
     refs = load_references(cfg.data, pipe, cfg.limit)
     if cfg.subset_size > len(refs.prompts):
         print(f"note: --subset-size {cfg.subset_size} > {len(refs.prompts)} eval images; using "
               f"{len(refs.prompts)} (every subset is then the whole set: subset std 0)")
     extractor = build_extractor(cfg.features, device)
     real = reference_features(refs, extractor, cfg.batch_size)
+    captions = scorer_for(teacher_dir)
 
     model = None
     if cfg.source:
-        model = sample.load_sampler("exported" if cfg.source == "exported" else "run", cfg.path, ema=cfg.ema,
+        model = samplers.load_sampler("exported" if cfg.source == "exported" else "run", cfg.path, ema=cfg.ema,
                                     steps=cfg.steps, device=device, dtype=cfg.dtype, pipe=pipe)
         if cfg.source == "exported" and model.info.get("teacher_fingerprint", fingerprint) != fingerprint:
             raise ValueError(f"{cfg.path} was distilled from another teacher than the one of {cfg.data}")
         if cfg.source != "exported":
             from ladd.train.checkpoint import read_config
 
-            warning = seen_noise_warning(read_config(sample.find_checkpoint(cfg.path)), refs.seeds, cfg.seeds)
+            warning = seen_noise_warning(read_config(samplers.find_checkpoint(cfg.path)), refs.seeds, cfg.seeds)
             if warning:
                 print(warning)
     timesteps = model.info["timesteps"] if model else None
     common = [fingerprint, images_hash(refs.images), extractor.name, cfg.subsets, cfg.subset_size,
-              list(cfg.seeds), cfg.fid, str(sample.dtype_for(cfg.dtype, device))]
-    untrained = sample.untrained_sampler(pipe, cfg.steps, timesteps)
+              list(cfg.seeds), cfg.fid, str(samplers.dtype_for(cfg.dtype, device)),
+              _world_text(teacher_dir / WORLD_FILE)]
+    untrained = samplers.untrained_sampler(pipe, cfg.steps, timesteps)
     cache = cache_dir(cfg.data)
     base = _cached_row(cache / f"untrained-{_key('untrained', *common, untrained.info['timesteps'])}.json",
-                       lambda: score(untrained, refs, real, extractor, cfg))
+                       lambda: score(untrained, refs, real, extractor, cfg, captions=captions))
     rows = [base]
     if model is not None:
-        rows.insert(0, score(model, refs, real, extractor, cfg))
+        rows.insert(0, score(model, refs, real, extractor, cfg, captions=captions))
     if cfg.teacher:
         s = manifest["sampling"]
-        teacher = sample.teacher_sampler(pipe, s["steps"], s["guidance"], refs.resolution, s["negative_prompt"])
+        teacher = samplers.teacher_sampler(pipe, s["steps"], s["guidance"], refs.resolution, s["negative_prompt"])
         # Fresh noise (offset 1): at the references' own seeds the teacher would reproduce them, KID 0.
         rows.append(_cached_row(cache / f"teacher-{_key('teacher', *common, s['steps'], s['guidance'])}.json",
-                                lambda: score(teacher, refs, real, extractor, cfg, seed_offset=1)))
+                                lambda: score(teacher, refs, real, extractor, cfg, seed_offset=1, captions=captions)))
     result = {
         "data": str(cfg.data), "num_images": len(refs.prompts), "features": extractor.name,
-        "config": asdict(cfg), "reference": {"caption_accuracy": caption_scores(refs.images, refs.prompts)},
+        "config": asdict(cfg), "reference": {"caption_accuracy": captions(refs.images, refs.prompts) if captions else None},
         "rows": rows, "untrained": base, "teacher": rows[-1] if cfg.teacher else None,
     }
     print(format_table(result))
@@ -240,18 +250,18 @@ def generate(source: str, path: str, prompts: list[str], seeds: list[int], out: 
     from safetensors.torch import save_file
 
     from ladd.data.precompute import resolve_resolution
-    from ladd.eval import sample
+    from ladd.eval import samplers
     from ladd.eval.kid import save_png
 
     if len(seeds) == 1 and len(prompts) > 1:
         seeds = [seeds[0] + i for i in range(len(prompts))]  # as precompute: prompt i gets seed + i
     if len(seeds) != len(prompts):
         raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts: give one seed, or one per prompt")
-    s = sample.load_sampler(source, path, ema=ema, steps=steps, device=device, dtype=dtype)
+    s = samplers.load_sampler(source, path, ema=ema, steps=steps, device=device, dtype=dtype)
     s.guidance = guidance
     from ladd.models.loading import resolve_pipeline
 
-    folder = resolve_pipeline(path) if source in ("exported", "untrained") else sample.run_teacher_dir(path)
+    folder = resolve_pipeline(path) if source in ("exported", "untrained") else samplers.run_teacher_dir(path)
     resolution = resolution or resolve_resolution(str(folder), None)
     latents = s.latents(prompts, seeds, resolution, batch_size)
     images = s.images(latents, batch_size)

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from ladd.data.shards import teacher_fingerprint
-from ladd.eval.sample import (
+from ladd.eval.samplers import (
     EXPORT_INFO,
     find_checkpoint,
     run_teacher_dir,

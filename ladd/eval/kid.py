@@ -173,25 +173,6 @@ def fid_score(real: Tensor, fake: Tensor) -> float:
     return float(metric.compute())
 
 
-def latent_mse(latents: Tensor, teacher: Tensor) -> float:
-    """Mean squared error to the teacher's latent of the same prompt and seed (a paired metric)."""
-    return float(torch.mean((latents.float().cpu() - teacher.float().cpu()) ** 2))
-
-
-def caption_scores(images: np.ndarray, prompts: list[str]) -> dict[str, float] | None:
-    """Toy-world caption accuracy when every prompt is a toy-world caption; None otherwise."""
-    from ladd.models.toy.world import parse_caption
-
-    try:
-        for p in prompts:
-            parse_caption(p)
-    except ValueError:
-        return None
-    from ladd.models.toy.fidelity import caption_accuracy
-
-    return caption_accuracy(images, prompts)
-
-
 def summarize(per_seed: list[dict]) -> dict:
     """One result row's metrics from per-eval-seed scores (see docs/evaluation.md for the meaning).
 

@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import json
+from importlib import resources
 from pathlib import Path
 
 import torch
 
-TOY_PIPELINE = Path(__file__).resolve().parents[2] / "assets" / "toy-zimage"
+# The embedded toy teacher ships inside the package (ladd/toy/assets/toy-zimage, package data), so an
+# installed wheel has it too; found through importlib.resources, never through the source tree's layout.
+TOY_PIPELINE = Path(str(resources.files("ladd"))) / "toy" / "assets" / "toy-zimage"
+
+
+WORLD_FILE = "ladd_world.json"  # a teacher folder's world and its caption scorer (ladd/eval/captions.py)
 
 
 class PipelineError(ValueError):
@@ -49,3 +55,23 @@ def load_pipeline(path: str | Path, device: torch.device | str = "cpu", dtype: t
     for module in (pipe.transformer, pipe.vae, pipe.text_encoder):
         module.requires_grad_(False).eval()
     return pipe.to(device)
+
+
+def read_world(pipeline_dir: str | Path) -> dict | None:
+    """A teacher folder's world declaration (`ladd_world.json`), or None if it has none."""
+    path = Path(pipeline_dir) / WORLD_FILE
+    if not path.is_file():
+        return None
+    try:
+        world = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise PipelineError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(world, dict):
+        raise PipelineError(f"{path}: expected a JSON object like {{\"world\": \"toy\", \"caption_scorer\": ...}}")
+    return world
+
+
+def write_world(pipeline_dir: str | Path, world: str, caption_scorer: str | None) -> None:
+    """Declare a teacher folder's world and its caption scorer ('module:function'; `ladd toy build` does)."""
+    text = json.dumps({"world": world, "caption_scorer": caption_scorer}, indent=1) + "\n"
+    (Path(pipeline_dir) / WORLD_FILE).write_text(text)

@@ -32,6 +32,17 @@ def encode_prompts(
     return [f.float() for f in feats]
 
 
+def token_lengths(tokenizer, prompts: list[str]) -> list[int]:
+    """Tokens per prompt as ZImagePipeline counts them: chat template, then the tokenizer (untruncated)."""
+    texts = [
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True, enable_thinking=True
+        )
+        for p in prompts
+    ]
+    return [len(ids) for ids in tokenizer(texts, verbose=False).input_ids]  # verbose: no "too long" warning
+
+
 def pooled(cap_feats: Sequence[Tensor]) -> Tensor:
     """Mean over each caption's tokens: (B, cap_feat_dim). The default disc text conditioning."""
     return torch.stack([f.float().mean(dim=0) for f in cap_feats], dim=0)

@@ -8,9 +8,7 @@
 from __future__ import annotations
 
 import argparse
-import copy
 import json
-import math
 from pathlib import Path
 
 
@@ -87,46 +85,20 @@ def cmd_config_diff(args) -> int:
     return 1
 
 
-def reference_checks(trainer) -> list[tuple[str, bool, str]]:
-    """The teacher's references are clean (schedule reaches σ = 0) and were made with CFG (blog bugs 1, 2)."""
-    from ladd.data.shards import read_manifest
-    from ladd.flow import image_seq_len, teacher_sigmas
-
-    sampling = read_manifest(trainer.cfg.data.path)["sampling"]
-    lat = trainer.data[0]["latents"]
-    sig = teacher_sigmas(trainer.pipe.scheduler, sampling["steps"], image_seq_len(*lat.shape[-2:]))
-    return [
-        ("teacher references are clean (schedule reaches sigma 0)", float(sig[-1]) == 0.0,
-         f"{sampling['steps']} steps end at sigma {float(sig[-1]):.3f}"),
-        ("teacher references use CFG", sampling["guidance"] > 0, f"guidance {sampling['guidance']}"),
-    ]
-
-
 def doctor(cfg) -> list[tuple[str, bool, str]]:
-    """(check, passed, detail) for each pre-flight check; also prints the plan."""
-    import torch
-
+    """(check, passed, detail) for each pre-flight check (ladd/train/preflight.py); also prints the plan."""
+    from ladd.train import preflight
     from ladd.train.loop import Trainer
-    from ladd.train.step import generator_step, LaddModels, trainable
 
-    checks = []
     try:
         trainer = Trainer(cfg)  # refuses data made by another teacher, bad layers, bad text_cond ...
     except ValueError as e:
         return [("config, data and teacher load and match", False, str(e))]
-    checks.append(("data manifest matches the teacher", True, str(Path(cfg.data.path))))
-    checks += reference_checks(trainer)
-    # One G-step on a throw-away copy of the student: gradients must be finite and non-zero.
-    student = copy.deepcopy(trainer.student)
-    models = LaddModels(student, trainer.teacher, trainer.disc)
-    opt = torch.optim.SGD(trainable(student), lr=0.0)
-    batch = trainer.next_micro_batches()
-    metrics, _ = generator_step(models, opt, batch, 0, cfg.method, torch.Generator(trainer.dist.device))
-    norm = metrics["student_grad_norm"]
-    checks.append(("one step gives finite, non-zero student gradients", math.isfinite(norm) and norm > 0,
-                   f"grad norm {norm:.3g}"))
-    checks.append(("micro-batch is safe for the loss", True,
-                   f"batch_per_rank {cfg.data.batch_per_rank} with {cfg.method.loss}"))
+    checks = [("config, data and teacher load and match", True, str(Path(cfg.data.path)))]
+    checks += preflight.reference_checks(cfg, trainer.pipe, trainer.data)
+    checks.append(preflight.micro_batch_check(cfg, trainer.data))
+    checks.append(preflight.gradient_check(cfg, trainer.student, trainer.teacher, trainer.disc,
+                                           trainer.next_micro_batches(), trainer.dist.device))
     print(trainer.plan())
     return checks
 

@@ -3,21 +3,19 @@
 1. The disc stops telling real from fake: over a window of steps the mean logit gap stays near zero
    while d_loss stays high (hinge: 2.0 means both ReLUs are fully active, i.e. chance) — and the
    student has moved away from the teacher. A disc at chance is also what a student that matches the
-   teacher looks like: on the toy world two distilled demo seeds (among the best: KID 0.0025, 0.0019)
-   sat at chance over steps 200-300 with validation drift 1.07-1.20× throughout, while the pure-LADD
-   collapse this rule catches (KID 11× the untrained student's) was at 1.39× by its first validation
-   (docs/toy-world.md). So while a validation at most a window old puts the student within
-   `collapse_drift` (1.3) × the untrained student's distance, the rule holds its fire and the loop
-   says so once.
+   teacher looks like (a slow disc cannot keep up with a good student), so while a validation at most
+   a window old puts the student within `collapse_drift` × the untrained student's distance to the
+   teacher, the rule holds its fire and the loop says so once.
 2. Different prompts give near-identical images: the mean pairwise distance between the student's
    validation outputs falls below a fraction of the teacher's (the blog's "same speckled noise for
    every prompt").
 3. The student drifts away from the teacher: its validation latents' MSE to the teacher's grows past
-   a multiple of the untrained student's (the teacher's weights at the student's steps). Collapse to *varied* noise passes guard 2 (pixel noise
-   differs from prompt to prompt) but not this one: on the toy world a collapsed run (every image the
-   same striped texture) had 5.1× the untrained MSE at a diversity ratio of 0.72. With the slower disc
-   of the demo's config, healthy runs end at 1.5–1.7× (10 runs), while lr_g 4e-5 collapsed 4 of 5 seeds
-   (KID 2.6–7× the untrained) at 2.4–3.0×, under the first default of 3: hence 2.2.
+   a multiple of the untrained student's (the teacher's weights at the student's steps). This catches
+   a collapse to *varied* noise, which passes guard 2 (pixel noise differs from prompt to prompt)
+   while the disc wins easily (so guard 1 stays silent too).
+
+The thresholds sit between healthy and collapsed runs measured on the toy world; the margins are
+thin. The measured values and the runs behind them: docs/training.md, "Health".
 
 Decisions are returned, not acted on; the loop reduces them across ranks before acting.
 """
@@ -27,7 +25,9 @@ from __future__ import annotations
 import json
 import math
 from collections import deque
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 
@@ -40,6 +40,33 @@ def pairwise_spread(images: torch.Tensor) -> float:
     d = torch.cdist(flat, flat)
     n = flat.shape[0]
     return float(d.sum() / (n * (n - 1)))
+
+
+def diversity_ratio(student: torch.Tensor, teacher: torch.Tensor) -> float:
+    """Student spread / teacher spread over the validation prompts' outputs (guard 2 reads it)."""
+    return pairwise_spread(student) / max(pairwise_spread(teacher), 1e-12)
+
+
+def drift_ratio(mse: float, mse_untrained: float) -> float:
+    """Validation MSE to the teacher / the untrained student's (guard 3 reads it)."""
+    return mse / max(mse_untrained, 1e-12)
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What the loop does next and why: the health checks' verdict, acted on in one place (the loop).
+
+    `continue` with a message is a warning (printed once, training goes on); `stop` ends the run without
+    saving (the last checkpoint stays the last good one); `rollback` restores the latest checkpoint with
+    a slower disc. `cause` names the guard: "nonfinite" or "collapse" ("" when all is well).
+    """
+
+    action: Literal["continue", "rollback", "stop"] = "continue"
+    cause: str = ""
+    message: str = ""
+
+
+CONTINUE = Decision()
 
 
 class Health:
@@ -69,6 +96,42 @@ class Health:
             "excused": self.excused > excused,
         }
 
+    def after_step(self, metrics: dict[str, float], step: int) -> Decision:
+        """The decision after training step `step`, from its rank-averaged metrics (equal on every rank)."""
+        events = self.observe(metrics, step)
+        if events["stop_nonfinite"]:
+            return Decision("stop", "nonfinite", f"{self.cfg.nan_patience} non-finite losses in a row")
+        if events["collapse_logits"]:
+            return self.on_collapse("the disc's logit gap has stayed near zero with d_loss high")
+        if events["excused"] and self.excused == 1:
+            h = self.cfg
+            return Decision("continue", "", (
+                f"the disc is at chance (|logit gap| < {h.collapse_gap:g}, d_loss > {h.collapse_d_loss:g} over "
+                f"{h.collapse_window} steps) while the student stays near the teacher (validation drift "
+                f"{self.drift[1]:.2f}× <= health.collapse_drift {h.collapse_drift:g}): read as a student that "
+                f"fools the disc, not a collapse; if KID stalls, a faster disc (optim.lr_d) may help"))
+        return CONTINUE
+
+    def after_validation(self, step: int, drift: float, diversity_ratio: float | None, last_step: bool) -> Decision:
+        """The decision after validating at `step` (ratios from gathered latents: equal on every rank).
+        The final validation only reports: the run ends there anyway."""
+        self.validated(step, drift)
+        if last_step:
+            return CONTINUE
+        if diversity_ratio is not None and diversity_ratio < self.cfg.diversity_fraction:
+            return self.on_collapse("validation images of different prompts are near-identical "
+                                    f"(spread {diversity_ratio:.2f}× the teacher's)")
+        if drift > self.cfg.drift_factor:
+            return self.on_collapse(f"validation latents are {drift:.1f}× further from the teacher's than the "
+                                    f"untrained student's (health.drift_factor = {self.cfg.drift_factor:g})")
+        return CONTINUE
+
+    def on_collapse(self, why: str) -> Decision:
+        """health.on_collapse turned into a decision: warn (continue), stop or rollback."""
+        action = self.cfg.on_collapse
+        message = f"collapse suspected — {why} (health.on_collapse = {action})"
+        return Decision("continue" if action == "warn" else action, "collapse", message)
+
     def disc_at_chance(self) -> bool:
         if len(self.gaps) < self.cfg.collapse_window:
             return False
@@ -92,16 +155,6 @@ class Health:
         Step 0's measures the teacher's own weights (1 by construction): it excuses nothing."""
         if step > 0:
             self.drift = (step, drift)
-
-    def diversity_collapsed(self, student: torch.Tensor, teacher: torch.Tensor) -> tuple[float, bool]:
-        """(student spread / teacher spread, collapsed?) over the validation prompts' outputs."""
-        ratio = pairwise_spread(student) / max(pairwise_spread(teacher), 1e-12)
-        return ratio, ratio < self.cfg.diversity_fraction
-
-    def drift_collapsed(self, mse: float, mse_untrained: float) -> tuple[float, bool]:
-        """(validation MSE / the untrained student's, drifted away from the teacher?)."""
-        ratio = mse / max(mse_untrained, 1e-12)
-        return ratio, ratio > self.cfg.drift_factor
 
     def reset(self) -> None:
         self.nonfinite_in_a_row = 0

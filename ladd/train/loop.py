@@ -29,8 +29,9 @@ from ladd.models.lora import TeacherView, add_lora
 from ladd.models.zimage import ZImageAdapter
 from ladd.sampling import seeded_noise
 from ladd.train.checkpoint import Checkpointer, TrainState, fault
-from ladd.train.health import Health
+from ladd.train.health import Decision, Health
 from ladd.train.logging import MetricsLog
+from ladd.train.preflight import reference_checks
 from ladd.train.step import Batch, LaddModels, is_gen_step, ladd_step, trainable
 from ladd.train.validation import Validator
 
@@ -181,37 +182,35 @@ class Trainer:
             (self.out / "config.toml").write_text(to_toml(cfg))
             (self.out / "config.json").write_text(json.dumps(to_dict(cfg), indent=1))
         print0(self.plan())
-        from ladd.train.commands import reference_checks  # the doctor's cheap checks, at every start
-
-        for name, ok, detail in reference_checks(self):
+        for name, ok, detail in reference_checks(cfg, self.pipe, self.data):  # the doctor's cheap checks
             print0(f"[{'ok' if ok else 'WARNING'}] {name}: {detail}")
-        validator = Validator(self, log_schedule=not resumed)
+        validator = Validator(self.pipe, self.data, cfg, d, self.out, self.bf16, log_schedule=not resumed)
         log = MetricsLog(self.out, cfg.log, enabled=d.is_main)
         bar = tqdm(total=cfg.train.steps, initial=state.step, disable=not d.is_main, desc="train", unit="step")
-        stop_reason, last_saved = "", state.step if resumed else -1
+        # The steps whose validation and checkpoint are done: a resumed (or rolled-back) step has both.
+        last_saved = last_validated = state.step if resumed else -1
+        stopped: Decision | None = None
         summary: dict = {}
         while True:
             step = state.step
             last_step = step >= cfg.train.steps
             every = cfg.validation.every
-            if not stop_reason and (last_step or step == 0 or (every > 0 and step % every == 0)):
-                v = validator.run(step)
+            if step != last_validated and (last_step or step == 0 or (every > 0 and step % every == 0)):
+                v = validator.run(step, self.student, self.teacher)
                 log.write(step, v)
-                self.health.validated(step, v["val_drift"])
-                if v.get("diversity_collapse") and not last_step:
-                    stop_reason = self.on_collapse("validation images of different prompts are near-identical")
-                elif v.get("drift_collapse") and not last_step:
-                    stop_reason = self.on_collapse(
-                        f"validation latents are {v['val_drift']:.1f}× further from the teacher's than the "
-                        f"untrained student's (health.drift_factor = {cfg.health.drift_factor:g})")
-            if not stop_reason and step != last_saved and (
-                last_step or (step > 0 and step % cfg.train.checkpoint_every == 0)
-            ):
+                last_validated = step
+                decision = self.health.after_validation(step, v["val_drift"], v.get("val_diversity_ratio"), last_step)
+                stopped = self.act(decision, bar)
+                if stopped:
+                    break
+                if decision.action == "rollback":
+                    last_saved = last_validated = state.step  # the restored step has both
+                    continue  # the iteration starts again at the restored step
+            if step != last_saved and (last_step or (step > 0 and step % cfg.train.checkpoint_every == 0)):
                 self.save()
                 last_saved = step
-            if last_step or stop_reason in ("stop_nonfinite", "stop_collapse"):
+            if last_step:
                 break
-            stop_reason = ""
 
             t0 = time.perf_counter()
             lr_g, lr_d = self.set_lr()
@@ -224,8 +223,8 @@ class Trainer:
             if self.ema is not None and is_gen_step(step, cfg.method):
                 self.update_ema()
             metrics = distributed.mean_over_ranks(metrics, d.device)
-            events = self.health.observe(metrics, step)
-            state.skipped += int(events["nonfinite"])
+            state.skipped += int(self.health.nonfinite(metrics))
+            decision = self.health.after_step(metrics, step)
             state.step += 1
             dt = time.perf_counter() - t0
             samples = cfg.data.batch_per_rank * cfg.data.grad_accum * d.world_size
@@ -238,36 +237,44 @@ class Trainer:
             bar.set_postfix(d=f"{metrics['d_loss']:.3f}", g=f"{metrics['g_loss']:+.3f}",
                             gap=f"{metrics['logit_gap']:+.2f}")
             summary = metrics
-            if events["stop_nonfinite"]:
-                print0(f"stopping: {cfg.health.nan_patience} non-finite losses in a row; the last good "
-                       f"checkpoint is {self.ckpt.latest()}")
-                stop_reason = "stop_nonfinite"
-            elif events["collapse_logits"]:
-                stop_reason = self.on_collapse("the disc's logit gap has stayed near zero with d_loss high")
-            elif events["excused"] and self.health.excused == 1:
-                h = cfg.health
-                print0(f"health: the disc is at chance (|logit gap| < {h.collapse_gap:g}, d_loss > {h.collapse_d_loss:g} over "
-                       f"{h.collapse_window} steps) while the student stays near the teacher (validation drift "
-                       f"{self.health.drift[1]:.2f}× <= health.collapse_drift {h.collapse_drift:g}): read as a student "
-                       f"that fools the disc, not a collapse; if KID stalls, a faster disc (optim.lr_d) may help")
+            stopped = self.act(decision, bar)
+            if stopped:
+                break
+            if decision.action == "rollback":
+                last_saved = last_validated = state.step
         bar.close()
         log.close()
-        result = {"step": state.step, "stopped": stop_reason or None, "skipped_updates": state.skipped,
+        result = {"step": state.step, "stopped": f"stop_{stopped.cause}" if stopped else None,
+                  "skipped_updates": state.skipped,
                   "last": {k: summary.get(k) for k in ("d_loss", "g_loss", "logit_gap")}}
         print0(json.dumps(result))
         return result
 
-    def on_collapse(self, why: str) -> str:
-        action = self.cfg.health.on_collapse
-        print0(f"health: collapse suspected — {why} (health.on_collapse = {action})")
-        if action == "stop":
-            return "stop_collapse"
-        if action == "rollback" and self.ckpt.latest() is not None:
+    def act(self, decision: Decision, bar: tqdm) -> Decision | None:
+        """Carry out a health decision (the same on every rank: it comes from rank-averaged metrics or
+        gathered validation latents). Returns the decision if the run stops, else None.
+
+        A rollback restores the latest checkpoint, scales lr_d by health.rollback_lr_d_factor and resets
+        the guards; the caller then goes on from the restored step. With no checkpoint yet there is
+        nothing to roll back to: the run stops (a collapsed student is not trained on), saying so."""
+        if decision.message:
+            print0(f"health: {decision.message}")
+        if decision.action == "stop":
+            if decision.cause == "nonfinite":
+                print0(f"stopping; the last good checkpoint is {self.ckpt.latest()}")
+            return decision
+        if decision.action == "rollback":
+            if self.ckpt.latest() is None:
+                print0(f"health: no checkpoint to roll back to yet (the first is due at step "
+                       f"{self.cfg.train.checkpoint_every}); stopping instead")
+                return Decision("stop", decision.cause, decision.message)
             self.resume()
             self.state.lr_d_scale *= self.cfg.health.rollback_lr_d_factor
             self.health.reset()
             print0(f"rolled back to step {self.state.step}; lr_d scaled by {self.state.lr_d_scale:g}")
-        return "rollback" if action == "rollback" else ""
+            bar.reset(total=self.cfg.train.steps)
+            bar.update(self.state.step)
+        return None
 
     def plan(self) -> str:
         cfg, d = self.cfg, self.dist

@@ -1,7 +1,7 @@
 """Build the toy teacher: a small ZImagePipeline that has really learned the toy world.
 
 Stages (each timed, with a progress bar):
-  1. render a fixed training set of captioned scenes (`ladd.models.toy.world`, train split only);
+  1. render a fixed training set of captioned scenes (`ladd.toy.world`, train split only);
   2. train a small 16-channel `AutoencoderKL` on it (reconstruction + a light KL), then set its
      `shift_factor` / `scaling_factor` from the latents' mean and std, as Z-Image's VAE has them;
   3. a tiny frozen `Qwen3Model` text encoder with a byte-level tokenizer whose BPE merges make every
@@ -10,7 +10,7 @@ Stages (each timed, with a progress bar):
      target v = ε − x0), with caption dropout to the empty prompt so CFG works;
   5. save a `ZImagePipeline` folder (safetensors) plus `build.json` (config, losses, PSNR, seconds).
 
-    ladd toy build --out assets/toy-zimage            # ~25 min on 2 CPU cores (see docs/toy-world.md)
+    ladd toy build --out ladd/toy/assets/toy-zimage            # ~25 min on 2 CPU cores (see docs/toy-world.md)
     ladd toy build --out /tmp/toy --quick             # a 1-minute smoke build
 """
 
@@ -27,12 +27,12 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from ladd.data.prompts import token_lengths
 from ladd.flow import interpolate, velocity_target
-from ladd.models.text import encode_prompts
+from ladd.models.loading import write_world
+from ladd.models.text import encode_prompts, token_lengths
 from ladd.models.tiny import TinyConfig, build_text_encoder, build_tokenizer, build_transformer, build_vae
-from ladd.models.toy import world
 from ladd.models.zimage import ZImageAdapter
+from ladd.toy import world
 
 
 @dataclass(kw_only=True)
@@ -41,7 +41,7 @@ class ToyBuildConfig:
     threads: int = 2
     image_size: int = 64
     # The teacher's world: one large object (the world module draws up to three; a 2.5M-parameter
-    # teacher in 25 CPU minutes learns shapes only at this size: docs/toy-world.md, attempts 1-3).
+    # teacher in 25 CPU minutes learns shapes only at this size: docs/notes/2026-11-26-toy-teacher-attempts.md).
     max_objects: int = 1
     pattern_prob: float = 0.3  # share of striped / dotted objects
     diameter_range: tuple[float, float] = (0.45, 0.65)  # object size, as a fraction of the image side
@@ -60,7 +60,7 @@ class ToyBuildConfig:
     axes_dims: tuple[int, int, int] = (8, 12, 12)
     text_hidden: int = 64
     steps: int = 6000  # 22.7 min of the measured 25.2-min build on 2 cores
-    batch: int = 16  # more, smaller updates learn the world faster per sample (docs/toy-world.md)
+    batch: int = 16  # more, smaller updates learn the world faster per sample (docs/notes/2026-11-26-toy-teacher-attempts.md)
     lr: float = 1e-3
     sigma_mean: float = 0.5  # σ ~ logit-normal(sigma_mean, 1): leans to high noise, where layout is decided
     warmup: int = 200
@@ -75,6 +75,7 @@ class ToyBuildConfig:
         )
 
 
+CAPTION_SCORER = "ladd.toy.fidelity:score_captions"  # declared in the folder's ladd_world.json
 QUICK = dict(n_images=512, vae_steps=30, steps=30, warmup=5)
 
 
@@ -255,6 +256,7 @@ def build_toy(out: str | Path, cfg: ToyBuildConfig | None = None) -> dict:
         "text_encoder": sum(p.numel() for p in text_encoder.parameters()),
     }
     (out / "build.json").write_text(json.dumps(report, indent=2) + "\n")
+    write_world(out, "toy", CAPTION_SCORER)
     print(f"wrote {out} in {report['seconds']['total'] / 60:.1f} min")
     return report
 

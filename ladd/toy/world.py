@@ -14,7 +14,7 @@ patterns are fine (2-pixel) structure that few-step sampling tends to lose. Ever
 
 Writes the sample grid of docs/toy-world.md and prints the rendering speed:
 
-    python -m ladd.models.toy.world --grid docs/img/toy-world-samples.png
+    python -m ladd.toy.world --grid docs/img/toy-world-samples.png
 """
 
 from __future__ import annotations

@@ -28,7 +28,7 @@ means the same thing in every run. The approach, in the order `describe` runs it
 
 Measures the accuracy table of docs/toy-world.md (clean and degraded images, wrong captions):
 
-    python -m ladd.models.toy.fidelity --n 2000
+    python -m ladd.toy.fidelity --n 2000
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ import time
 
 import numpy as np
 
-from ladd.models.toy.world import (
+from ladd.toy.world import (
     BACKGROUNDS,
     OBJECT_COLOURS,
     PALETTE,
@@ -270,6 +270,17 @@ def caption_match(image: np.ndarray, caption: str) -> dict:
     background = got.background == want.background
     return {"background": background, "colours": colours, "shapes": shapes, "count": count,
             "all": background and count and colours and shapes, "patterns": patterns, "detected": got}
+
+
+def score_captions(images: np.ndarray, prompts: list[str]) -> dict[str, float] | None:
+    """The toy world's caption scorer (ladd/eval/captions.py): caption accuracy when every prompt is a
+    toy-world caption; None otherwise."""
+    try:
+        for p in prompts:
+            parse_caption(p)
+    except ValueError:
+        return None
+    return caption_accuracy(images, prompts)
 
 
 def caption_accuracy(images, captions) -> dict[str, float]:

@@ -1,0 +1,55 @@
+"""Pre-flight checks: `ladd doctor` runs them all (train/commands.py); `ladd train` runs the cheap ones at every start.
+
+Each check is a row (name, passed, detail) computed from the config, the data and the teacher; none is
+a constant. The reference checks catch the public run's first two bugs (teacher references that were
+not fully denoised, or made without CFG) before any GPU hour is spent.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+
+from ladd.config import Config
+from ladd.data.shards import read_manifest
+from ladd.flow import image_seq_len, teacher_sigmas
+
+Check = tuple[str, bool, str]
+
+
+def reference_checks(cfg: Config, pipe, data) -> list[Check]:
+    """The teacher's references are clean (schedule reaches σ = 0) and were made with CFG (blog bugs 1, 2)."""
+    sampling = read_manifest(cfg.data.path)["sampling"]
+    lat = data[0]["latents"]
+    sig = teacher_sigmas(pipe.scheduler, sampling["steps"], image_seq_len(*lat.shape[-2:]))
+    return [
+        ("teacher references are clean (schedule reaches sigma 0)", float(sig[-1]) == 0.0,
+         f"{sampling['steps']} steps end at sigma {float(sig[-1]):.3f}"),
+        ("teacher references use CFG", sampling["guidance"] > 0, f"guidance {sampling['guidance']}"),
+    ]
+
+
+def micro_batch_check(cfg: Config, data) -> Check:
+    """Every micro-batch holds distinct samples: a rank whose share of the data is smaller than its
+    micro-batch repeats samples inside one batch, which for the hinge is a smaller batch than asked
+    (a batch of one saturates it to zero gradient)."""
+    per_rank, batch = data.samples_per_rank, cfg.data.batch_per_rank
+    distinct = min(per_rank, batch)
+    ok = per_rank >= batch and (cfg.method.loss != "hinge" or distinct >= 2 or cfg.method.allow_hinge_batch_of_one)
+    return ("each micro-batch holds distinct samples", ok,
+            f"{per_rank} samples per rank for micro-batches of {batch} ({cfg.method.loss} loss)")
+
+
+def gradient_check(cfg: Config, student, teacher, disc, micro_batches, device: torch.device) -> Check:
+    """One G-step on a throw-away copy of the student: its gradients must be finite and non-zero."""
+    from ladd.train.step import LaddModels, generator_step, trainable
+
+    student = copy.deepcopy(student)
+    opt = torch.optim.SGD(trainable(student), lr=0.0)
+    metrics, _ = generator_step(LaddModels(student, teacher, disc), opt, micro_batches, 0, cfg.method,
+                                torch.Generator(device))
+    norm = metrics["student_grad_norm"]
+    return ("one step gives finite, non-zero student gradients", math.isfinite(norm) and norm > 0,
+            f"grad norm {norm:.3g}")
