@@ -47,18 +47,15 @@ def cmd_toy_prompts(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from ladd.models.loading import TOY_PIPELINE
-
-    if args.smoke or (args.pipeline == "toy" and not TOY_PIPELINE.is_dir()):
+    if args.smoke:
         from ladd.smoke import run_smoke
 
-        if not args.smoke:
-            print(f"ladd demo: the toy teacher is not shipped yet ({TOY_PIPELINE} is missing; `ladd toy build "
-                  f"--out {TOY_PIPELINE}` makes it) — running the foundation smoke run instead", file=sys.stderr)
         run_smoke(seed=args.seed)
         return 0
     from ladd.demo import DemoConfig, run_demo
+    from ladd.models.loading import resolve_pipeline
 
+    resolve_pipeline(args.pipeline)  # a missing toy teacher is one line saying how to rebuild it
     run_demo(DemoConfig(out=args.out, seeds=args.seeds, quick=args.quick, pipeline=args.pipeline,
                         n_train=args.n_train, n_eval=args.n_eval))
     return 0
@@ -98,8 +95,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="the whole mission on the toy world: precompute, distill, evaluate, report")
     demo.add_argument("--out", default=None, help="default runs/demo (--quick: runs/demo-quick)")
-    demo.add_argument("--seeds", type=int, default=5, help="LADD training seeds (mean ± std over them)")
-    demo.add_argument("--quick", action="store_true", help="one seed, a third of the steps, 128 + 128 prompts")
+    demo.add_argument("--seeds", type=int, default=None,
+                      help="LADD training seeds, mean ± std over them (default 5; --quick: 1)")
+    demo.add_argument("--quick", action="store_true",
+                      help="one seed, a third of the steps, 128 + 128 prompts (unless given explicitly)")
     demo.add_argument("--pipeline", default="toy")
     demo.add_argument("--n-train", type=int, default=None, help="training prompts (default 256; --quick: 128)")
     demo.add_argument("--n-eval", type=int, default=None, help="held-out eval prompts (default 192; --quick: 128)")

@@ -2,7 +2,8 @@
 
 Every knob of the blog is a field, defaulting to its current best. Loading is strict: an unknown key
 is rejected with the nearest valid name, a wrong type or a contradiction with one line saying what
-to change. The fully resolved config is written to the run folder and into every checkpoint.
+to change. The fully resolved config is written to the run folder and into every checkpoint. Each
+field's doc is the string right below it; `ladd config show --doc` prints them all, with the types.
 
     cfg = load_config("configs/toy.toml", overrides=["method.gen_update_interval=4"])
     print(to_toml(cfg))
@@ -10,82 +11,143 @@ to change. The fully resolved config is written to the run folder and into every
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import difflib
+import functools
 import json
 import math
 import tomllib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from ladd.flow import Curriculum
-from ladd.losses import AGGREGATES, KINDS
 
-DECAYS = ("none", "linear", "cosine")
+# The choices of each choice field. Loss and Aggregate are the kinds ladd/losses.py implements (KINDS,
+# AGGREGATES; tests/test_config.py holds them equal): a Literal has to be spelled out to be a type.
+Student = Literal["full", "lora"]
+TextCond = Literal["pooled", "clip"]
+Loss = Literal["hinge", "nonsaturating"]
+Aggregate = Literal["mean_heads", "sum_logits"]
+Optimizer = Literal["adamw", "adamw8bit"]
+Decay = Literal["none", "linear", "cosine"]
+MixedPrecision = Literal["auto", "bf16", "no"]
+OnCollapse = Literal["warn", "stop", "rollback"]
+Tracker = Literal["tensorboard", "wandb"]
 
 
 class ConfigError(ValueError):
     """A config problem, stated in one line the user can act on."""
 
 
-@dataclass(kw_only=True)
-class ModelConfig:
-    pipeline: str = "toy"  # a ZImagePipeline folder; "toy" = the embedded toy teacher (ladd/toy/assets/toy-zimage)
-    disc_layers: list[int] = field(default_factory=lambda: [5, 10, 15, 20, 25, 29])
-    disc_hidden: int = 256
-    disc_cond_dim: int = 256
-    disc_spectral_norm: bool = False
-    disc_projection: bool = False  # + a projection term <features, W·text> in each head's logit
-    text_cond: str = "pooled"  # "pooled" caption features | "clip" (needs clip in the data)
-    gradient_checkpointing: bool = False
-    student: str = "full"  # "full" copy of the teacher | "lora": teacher weights + adapters (one copy)
-    lora_rank: int = 64
-    lora_alpha: float = 64.0
+class Section:
+    """Base of the config sections. Construction (from TOML, `--set` or Python alike) checks every
+    Literal field against its choices, then runs the section's own `check()`: ranges, one line each.
+
+    Each field's doc is the string literal right below it (litgpt's convention), read back by
+    `field_docs` for `ladd config show --doc`.
+    """
 
     def __post_init__(self):
-        if self.student not in ("full", "lora"):
-            raise ConfigError(f"model.student {self.student!r} is unknown; choose 'full' or 'lora'")
-        if self.text_cond not in ("pooled", "clip"):
-            raise ConfigError(f"model.text_cond {self.text_cond!r} is unknown; choose 'pooled' or 'clip'")
+        for key, hint in _hints(type(self)).items():
+            choices = literal_choices(hint)
+            if choices:
+                value = getattr(self, key)
+                for v in value if typing.get_origin(hint) is list else [value]:
+                    if v not in choices:
+                        raise ConfigError(f"{self.where(key)} {v!r} is unknown; choose {_either(choices)}"
+                                          f"{_nearest(v, choices) if isinstance(v, str) else ''}")
+        self.check()
+
+    def check(self) -> None:
+        """Ranges and contradictions inside the section."""
+
+    def where(self, name: str) -> str:
+        return f"{_section_name(type(self))}.{name}"
+
+    def at_least(self, low, *names: str) -> None:
+        for name in names:
+            if getattr(self, name) < low:
+                raise ConfigError(f"{self.where(name)} must be >= {low}, got {getattr(self, name)!r}")
 
 
 @dataclass(kw_only=True)
-class MethodConfig:
+class ModelConfig(Section):
+    """The teacher, the student and the discriminator."""
+
+    pipeline: str = "toy"
+    """a ZImagePipeline folder, or "toy": the toy teacher shipped in ladd/toy/assets/toy-zimage"""
+    disc_layers: list[int] = field(default_factory=lambda: [5, 10, 15, 20, 25, 29])
+    """teacher layers (from 0) whose image-token hidden states feed one disc head each"""
+    disc_hidden: int = 256
+    """channels of each disc head's conv stack"""
+    disc_cond_dim: int = 256
+    """width of the disc's timestep and text conditioning"""
+    disc_spectral_norm: bool = False
+    """spectral norm on the disc heads' convolutions"""
+    disc_projection: bool = False
+    """add a projection term <features, W·text> to each head's logit (projection discriminator)"""
+    text_cond: TextCond = "pooled"
+    """the disc's text conditioning: "pooled" caption features, or "clip" (needs clip in the data)"""
+    gradient_checkpointing: bool = False
+    """recompute the transformer's activations in the backward pass: less memory, more compute"""
+    student: Student = "full"
+    """"full": a trainable copy of the teacher; "lora": teacher weights + adapters (one copy in memory)"""
+    lora_rank: int = 64
+    """rank of the LoRA adapters (student = "lora")"""
+    lora_alpha: float = 64.0
+    """LoRA scale numerator: the adapters' update is scaled by lora_alpha / lora_rank"""
+
+    def check(self):
+        self.at_least(1, "lora_rank", "disc_cond_dim")
+        self.at_least(2, "disc_hidden")  # the second conv has disc_hidden / 2 channels
+        if self.lora_alpha <= 0:
+            raise ConfigError(f"model.lora_alpha must be > 0, got {self.lora_alpha}")
+
+
+@dataclass(kw_only=True)
+class MethodConfig(Section):
     """The LADD method: update schedule, re-noising, curriculum, losses."""
 
-    gen_update_interval: int = 3  # disc steps per student update; blog sweeps: 3 wins after the fixes
-    disc_warmup_steps: int = 0  # the first optimizer steps train the disc alone (no student update)
-    renoise_m: float = 1.0  # logit-normal mean of t̂ (sigmoid(1) ≈ 0.73)
-    renoise_s: float = 1.0  # logit-normal std of t̂
+    gen_update_interval: int = 3
+    """disc steps per student update; blog sweeps: 3 wins after the fixes"""
+    disc_warmup_steps: int = 0
+    """the first optimizer steps train the disc alone (no student update)"""
+    renoise_m: float = 1.0
+    """logit-normal mean of the re-noising level t̂ (sigmoid(1) ≈ 0.73)"""
+    renoise_s: float = 1.0
+    """logit-normal std of t̂"""
     student_timesteps: tuple[float, ...] = (1.0, 0.75, 0.5, 0.25)
+    """the student's training timesteps, decreasing in (0, 1]; 1 = pure noise, where sampling starts"""
     student_timestep_probs: tuple[float, ...] = (0.7, 0.1, 0.1, 0.1)
-    curriculum_warmup_steps: int = 0  # optimizer steps drawing only the two easiest timesteps
-    loss: str = "hinge"  # "hinge" | "nonsaturating"
-    aggregate: str = "mean_heads"  # per-head losses averaged (LADD paper) | "sum_logits" (the blog)
-    r1_weight: float = 0.0  # γ; adds γ/2·E‖∇D(real features)‖² to the disc loss when > 0
-    distill_weight: float = 0.0  # λ > 0: student inputs use the teacher's own initial noise, + λ·‖x̂0 − x0‖²
-    grad_clip_g: float = 1.0  # max grad norm of the student (0 = no clipping, norm still measured)
+    """how often each student timestep is drawn after the curriculum warmup; sums to 1"""
+    curriculum_warmup_steps: int = 0
+    """optimizer steps drawing only the two easiest timesteps"""
+    loss: Loss = "hinge"
+    """the adversarial loss ("nonsaturating" = the logistic GAN loss)"""
+    aggregate: Aggregate = "mean_heads"
+    """"mean_heads": per-head losses averaged (LADD paper); "sum_logits": the loss of the summed logit (the blog)"""
+    r1_weight: float = 0.0
+    """γ; adds γ/2·E‖∇D(real features)‖² to the disc loss when > 0"""
+    distill_weight: float = 0.0
+    """λ > 0: student inputs use the teacher's own initial noise, + λ·‖x̂0 − x0‖²"""
+    grad_clip_g: float = 1.0
+    """max grad norm of the student (0 = no clipping, norm still measured)"""
     grad_clip_d: float = 1.0
-    allow_hinge_batch_of_one: bool = False  # see check_micro_batch: hinge on 1 sample saturates
+    """max grad norm of the disc (0 = no clipping, norm still measured)"""
+    allow_hinge_batch_of_one: bool = False
+    """allow hinge with data.batch_per_rank = 1, which saturates to zero gradient (see check_micro_batch)"""
 
-    def __post_init__(self):
+    def check(self):
         self.student_timesteps = tuple(float(t) for t in self.student_timesteps)
         self.student_timestep_probs = tuple(float(p) for p in self.student_timestep_probs)
-        if self.gen_update_interval < 1:
-            raise ConfigError(f"method.gen_update_interval must be >= 1, got {self.gen_update_interval}")
-        if self.disc_warmup_steps < 0:
-            raise ConfigError(f"method.disc_warmup_steps must be >= 0, got {self.disc_warmup_steps}")
-        if self.loss not in KINDS:
-            raise ConfigError(f"method.loss {self.loss!r} is unknown; choose one of {', '.join(KINDS)}")
-        if self.aggregate not in AGGREGATES:
-            raise ConfigError(f"method.aggregate {self.aggregate!r} is unknown; choose one of {', '.join(AGGREGATES)}")
+        self.at_least(1, "gen_update_interval")
+        self.at_least(0, "disc_warmup_steps", "curriculum_warmup_steps", "r1_weight", "distill_weight",
+                      "grad_clip_g", "grad_clip_d")
         if self.renoise_s <= 0:
             raise ConfigError(f"method.renoise_s must be > 0, got {self.renoise_s}")
-        if self.r1_weight < 0:
-            raise ConfigError(f"method.r1_weight must be >= 0, got {self.r1_weight}")
-        if self.distill_weight < 0:
-            raise ConfigError(f"method.distill_weight must be >= 0, got {self.distill_weight}")
         try:
             self.curriculum()
         except ValueError as e:
@@ -116,26 +178,39 @@ class MethodConfig:
 
 
 @dataclass(kw_only=True)
-class OptimConfig:
-    lr_g: float = 5e-6
-    lr_d: float = 1e-5
-    betas_g: tuple[float, float] = (0.9, 0.999)
-    betas_d: tuple[float, float] = (0.9, 0.999)
-    weight_decay_g: float = 0.0
-    weight_decay_d: float = 0.0
-    warmup_steps: int = 0  # linear LR warmup, both optimizers
-    decay: str = "none"  # after warmup, both optimizers: "none" | "linear" | "cosine", to lr_min_ratio·lr at the end
-    lr_min_ratio: float = 0.0
-    optimizer: str = "adamw"  # "adamw" | "adamw8bit" (bitsandbytes, CUDA only)
+class OptimConfig(Section):
+    """The two optimizers: the student's (_g) and the disc's (_d)."""
 
-    def __post_init__(self):
+    lr_g: float = 5e-6
+    """student learning rate"""
+    lr_d: float = 1e-5
+    """disc learning rate"""
+    betas_g: tuple[float, float] = (0.9, 0.999)
+    """Adam betas of the student"""
+    betas_d: tuple[float, float] = (0.9, 0.999)
+    """Adam betas of the disc"""
+    weight_decay_g: float = 0.0
+    """decoupled (AdamW) weight decay of the student"""
+    weight_decay_d: float = 0.0
+    """decoupled (AdamW) weight decay of the disc"""
+    warmup_steps: int = 0
+    """linear LR warmup, both optimizers"""
+    decay: Decay = "none"
+    """LR decay after warmup, both optimizers, down to lr_min_ratio·lr at the last step"""
+    lr_min_ratio: float = 0.0
+    """the learning rates at the last step, as a fraction of lr_g / lr_d (with decay)"""
+    optimizer: Optimizer = "adamw"
+    """both optimizers; "adamw8bit" needs bitsandbytes (CUDA only)"""
+
+    def check(self):
         self.betas_g, self.betas_d = tuple(self.betas_g), tuple(self.betas_d)
-        if self.optimizer not in ("adamw", "adamw8bit"):
-            raise ConfigError(f"optim.optimizer {self.optimizer!r} is unknown; choose 'adamw' or 'adamw8bit'")
         if self.lr_g <= 0 or self.lr_d <= 0:
             raise ConfigError(f"optim.lr_g and optim.lr_d must be > 0, got {self.lr_g} and {self.lr_d}")
-        if self.decay not in DECAYS:
-            raise ConfigError(f"optim.decay {self.decay!r} is unknown; choose one of {', '.join(DECAYS)}")
+        for name in ("betas_g", "betas_d"):
+            betas = getattr(self, name)
+            if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
+                raise ConfigError(f"optim.{name} must be two numbers in [0, 1), got {list(betas)}")
+        self.at_least(0, "weight_decay_g", "weight_decay_d", "warmup_steps")
         if not 0 <= self.lr_min_ratio <= 1:
             raise ConfigError(f"optim.lr_min_ratio must be in [0, 1], got {self.lr_min_ratio}")
 
@@ -151,73 +226,118 @@ class OptimConfig:
 
 
 @dataclass(kw_only=True)
-class DataConfig:
-    path: str = ""  # a `ladd precompute` output folder
-    batch_per_rank: int = 2  # micro-batch per rank per forward (hinge needs >= 2)
-    grad_accum: int = 1  # micro-batches per optimizer step
-    text_dropout: float = 0.0  # drop captions (features and disc conditioning together) to ""
-    seed: int = 0  # shuffle seed
+class DataConfig(Section):
+    """The precomputed training data and how it is batched."""
 
-    def __post_init__(self):
-        if self.grad_accum < 1:
-            raise ConfigError(f"data.grad_accum must be >= 1, got {self.grad_accum}")
+    path: str = ""
+    """a `ladd precompute` output folder"""
+    batch_per_rank: int = 2
+    """micro-batch per rank per forward (hinge needs >= 2)"""
+    grad_accum: int = 1
+    """micro-batches per optimizer step"""
+    text_dropout: float = 0.0
+    """fraction of captions dropped to "" (features and disc conditioning together)"""
+    seed: int = 0
+    """shuffle seed"""
+
+    def check(self):
+        self.at_least(1, "batch_per_rank", "grad_accum")
         if not 0 <= self.text_dropout < 1:
             raise ConfigError(f"data.text_dropout must be in [0, 1), got {self.text_dropout}")
 
 
 @dataclass(kw_only=True)
-class TrainConfig:
-    out: str = "runs/ladd"  # run folder: config, metrics.jsonl, checkpoints/, validation/
-    steps: int = 1000  # optimizer steps
-    seed: int = 0
-    mixed_precision: str = "auto"  # "auto" (bf16 on GPU, fp32 on CPU) | "bf16" | "no"
-    ema_decay: float = 0.0  # 0 = no EMA of the student
-    checkpoint_every: int = 500
-    keep_last: int = 2
-    teacher_sharded: bool = False  # FSDP-shard the frozen teacher too (smaller GPUs)
+class TrainConfig(Section):
+    """The run: its folder, length, precision, EMA and checkpoints."""
 
-    def __post_init__(self):
-        if self.mixed_precision not in ("auto", "bf16", "no"):
-            raise ConfigError(f"train.mixed_precision {self.mixed_precision!r}: choose 'auto', 'bf16' or 'no'")
+    out: str = "runs/ladd"
+    """run folder: config, metrics.jsonl, checkpoints/, validation/"""
+    steps: int = 1000
+    """optimizer steps"""
+    seed: int = 0
+    """seed of the disc's init and of the training draws (noise, timesteps, re-noising)"""
+    mixed_precision: MixedPrecision = "auto"
+    """"auto": bf16 on GPU, fp32 on CPU; "no": fp32"""
+    ema_decay: float = 0.0
+    """decay of an EMA of the student's weights (0 = no EMA)"""
+    checkpoint_every: int = 500
+    """optimizer steps between checkpoints (the last step is always saved)"""
+    keep_last: int = 2
+    """complete checkpoints kept; older ones are deleted"""
+    teacher_sharded: bool = False
+    """FSDP-shard the frozen teacher too (smaller GPUs)"""
+
+    def check(self):
+        self.at_least(0, "steps")
+        self.at_least(1, "checkpoint_every", "keep_last")
         if not 0 <= self.ema_decay < 1:
             raise ConfigError(f"train.ema_decay must be in [0, 1), got {self.ema_decay}")
-        if self.keep_last < 1:
-            raise ConfigError(f"train.keep_last must be >= 1, got {self.keep_last}")
 
 
 @dataclass(kw_only=True)
-class ValidationConfig:
-    every: int = 250  # steps between validations; step 0 always; 0 = only step 0 and the end
-    num_prompts: int = 8  # fixed prompts taken from the data's first samples
+class ValidationConfig(Section):
+    """Validation images on fixed prompts and noise, from step 0."""
+
+    every: int = 250
+    """steps between validations; step 0 and the last step always; 0 = only step 0 and the end"""
+    num_prompts: int = 8
+    """fixed prompts taken from the data's first samples"""
     seed: int = 1234
+    """validation noise seed (prompt i uses seed + i)"""
+
+    def check(self):
+        if self.every < 0:
+            raise ConfigError(f"validation.every must be >= 0 (0: only step 0 and the end), got {self.every}")
+        self.at_least(1, "num_prompts")
 
 
 @dataclass(kw_only=True)
-class HealthConfig:
-    nan_patience: int = 5  # consecutive non-finite losses before the run stops
-    collapse_window: int = 100  # steps over which the logit gap is averaged
-    collapse_gap: float = 0.05  # |mean logit gap| below this over the window ...
-    collapse_d_loss: float = 1.8  # ... while the mean d_loss stays above this -> collapse, unless ...
-    collapse_drift: float = 1.3  # ... a validation within the window has drift at most this (0: never excuse)
-    diversity_fraction: float = 0.2  # validation images closer than this × the teacher's spread -> collapse
-    drift_factor: float = 2.2  # validation latent MSE to the teacher above this × the untrained student's -> collapse
-    on_collapse: str = "warn"  # "warn" | "stop" | "rollback"
-    rollback_lr_d_factor: float = 0.5
+class HealthConfig(Section):
+    """The health guards: non-finite losses and collapse (docs/training.md)."""
 
-    def __post_init__(self):
+    nan_patience: int = 5
+    """consecutive non-finite losses before the run stops"""
+    collapse_window: int = 100
+    """steps over which the logit gap is averaged"""
+    collapse_gap: float = 0.05
+    """|mean logit gap| below this over the window ..."""
+    collapse_d_loss: float = 1.8
+    """... while the mean d_loss stays above this -> collapse, unless ..."""
+    collapse_drift: float = 1.3
+    """... a validation within the window has drift at most this (0: never excuse)"""
+    diversity_fraction: float = 0.2
+    """validation images closer than this × the teacher's spread -> collapse"""
+    drift_factor: float = 2.2
+    """validation latent MSE to the teacher above this × the untrained student's -> collapse"""
+    on_collapse: OnCollapse = "warn"
+    """what a detected collapse does: warn, stop the run, or roll back to the latest checkpoint"""
+    rollback_lr_d_factor: float = 0.5
+    """a rollback multiplies lr_d by this"""
+
+    def check(self):
+        self.at_least(1, "nan_patience", "collapse_window")
+        self.at_least(0, "collapse_gap", "diversity_fraction")
         if self.drift_factor <= 1:
             raise ConfigError(f"health.drift_factor must be > 1 (a multiple of the untrained student's MSE), got {self.drift_factor}")
         if self.collapse_drift < 0:
             raise ConfigError(f"health.collapse_drift must be >= 0 (0: the logit-gap rule never waits for validation), got {self.collapse_drift}")
-        if self.on_collapse not in ("warn", "stop", "rollback"):
-            raise ConfigError(f"health.on_collapse {self.on_collapse!r}: choose 'warn', 'stop' or 'rollback'")
+        if not 0 < self.rollback_lr_d_factor <= 1:
+            raise ConfigError(f"health.rollback_lr_d_factor must be in (0, 1], got {self.rollback_lr_d_factor}")
 
 
 @dataclass(kw_only=True)
-class LogConfig:
-    trackers: list[str] = field(default_factory=list)  # "tensorboard", "wandb"
+class LogConfig(Section):
+    """Metrics: metrics.jsonl in the run folder, and trackers."""
+
+    trackers: list[Tracker] = field(default_factory=list)
+    """also log to these (each needs its package)"""
     every: int = 1
+    """optimizer steps between metrics rows"""
     wandb_project: str = "ladd"
+    """the wandb project of the run"""
+
+    def check(self):
+        self.at_least(1, "every")
 
 
 @dataclass(kw_only=True)
@@ -234,9 +354,6 @@ class Config:
     def __post_init__(self):
         # Contradictions across sections.
         self.method.check_micro_batch(self.data.batch_per_rank)
-        bad = [t for t in self.log.trackers if t not in ("tensorboard", "wandb")]
-        if bad:
-            raise ConfigError(f"log.trackers: unknown tracker {bad[0]!r}; choose from 'tensorboard', 'wandb'")
 
 
 SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
@@ -245,6 +362,42 @@ SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
 def _section_types() -> dict[str, type]:
     hints = typing.get_type_hints(Config)
     return {name: hints[name] for name in SECTIONS}
+
+
+@functools.cache
+def _section_name(cls: type) -> str:
+    return next(name for name, t in _section_types().items() if t is cls)
+
+
+@functools.cache
+def _hints(cls: type) -> dict[str, object]:
+    return typing.get_type_hints(cls)
+
+
+def literal_choices(hint) -> tuple | None:
+    """The choices of a Literal field, or of a list of Literals; None for any other type."""
+    if typing.get_origin(hint) is list:
+        hint = (typing.get_args(hint) or (None,))[0]
+    return typing.get_args(hint) if typing.get_origin(hint) is Literal else None
+
+
+@functools.cache
+def field_docs(cls: type) -> dict[str, str]:
+    """Each field's doc: the string literal right after its line in the class body (as litgpt and
+    jsonargparse read them); read from this module's source, so the docs cannot drift from the fields."""
+    tree = ast.parse(Path(__file__).read_text())
+    body = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == cls.__name__).body
+    docs = {}
+    for node, after in zip(body, body[1:]):
+        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(after, ast.Expr)
+                and isinstance(after.value, ast.Constant) and isinstance(after.value.value, str)):
+            docs[node.target.id] = after.value.value.strip()
+    return docs
+
+
+def _either(choices) -> str:
+    quoted = [repr(c) for c in choices]
+    return quoted[0] if len(quoted) == 1 else f"{', '.join(quoted[:-1])} or {quoted[-1]}"
 
 
 def _nearest(name: str, choices) -> str:
@@ -268,7 +421,7 @@ def _coerce(value, hint, where: str):
         inner = args[0] if args else object
         items = [_coerce(v, inner, where) if inner in (int, float, str, bool) else v for v in value]
         return tuple(items) if origin is tuple else items
-    return value  # unions and nested types: checked by the section's __post_init__
+    return value  # Literals (Section.__post_init__), unions and nested types: checked at construction
 
 
 def _parse_value(text: str):
@@ -334,11 +487,29 @@ def _toml_value(v) -> str:
     return repr(v)
 
 
-def to_toml(cfg: Config) -> str:
-    lines = []
+def type_name(hint) -> str:
+    """A field's type as `ladd config show --doc` prints it: `int`, `list[int]`, `"full" | "lora"`."""
+    choices = literal_choices(hint)
+    if choices:
+        either = " | ".join(json.dumps(c) for c in choices)
+        return f"list of {either}" if typing.get_origin(hint) is list else either
+    return hint.__name__ if isinstance(hint, type) else str(hint)
+
+
+def to_toml(cfg: Config, doc: bool = False) -> str:
+    """The resolved config as TOML; `doc` puts each section's and key's doc [and type] in a comment
+    above it, so the output is still a config to save and edit."""
+    lines = ["# every key with its doc [type] and resolved value (`ladd config show --doc`)", ""] if doc else []
+    types_ = _section_types()
     for section, values in to_dict(cfg).items():
+        cls = types_[section]
+        if doc:
+            lines.append(f"# {cls.__doc__.strip().splitlines()[0]}")
         lines.append(f"[{section}]")
-        lines += [f"{k} = {_toml_value(v)}" for k, v in values.items()]
+        for k, v in values.items():
+            if doc:
+                lines.append(f"# {field_docs(cls)[k]}  [{type_name(_hints(cls)[k])}]")
+            lines.append(f"{k} = {_toml_value(v)}")
         lines.append("")
     return "\n".join(lines)
 

@@ -10,9 +10,6 @@ whose run reached its last step, and evaluations already written beside each run
 
 from __future__ import annotations
 
-import base64
-import html
-import io
 import json
 import math
 import platform
@@ -20,16 +17,16 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
 
 from ladd.distributed import print0
+from ladd.report import grid_png, headline, render_html
 
 
 @dataclass(kw_only=True)
 class DemoConfig:
     out: str | None = None  # default: runs/demo (quick: runs/demo-quick, its data are smaller)
-    seeds: int = 5
-    quick: bool = False
+    seeds: int | None = None  # LADD training seeds; default 5 (quick: 1)
+    quick: bool = False  # sets only what is not given: quick with seeds=3 trains three seeds
     pipeline: str = "toy"
     config: str = "configs/toy.toml"
     # The 50-step CFG teacher costs ~0.6 s per image on 2 CPU cores: 256 + 192 images (and the
@@ -49,10 +46,12 @@ class DemoConfig:
     overrides: tuple[str, ...] = ()  # extra `section.key=value` for training
 
     def __post_init__(self):
-        if self.quick:
-            self.seeds = 1
-        self.n_train = self.n_train or (128 if self.quick else 256)
-        self.n_eval = self.n_eval or (128 if self.quick else 192)
+        self.seeds = self.seeds if self.seeds is not None else (1 if self.quick else 5)
+        self.n_train = self.n_train if self.n_train is not None else (128 if self.quick else 256)
+        self.n_eval = self.n_eval if self.n_eval is not None else (128 if self.quick else 192)
+        if min(self.seeds, self.n_train, self.n_eval) < 1:
+            raise ValueError(f"--seeds, --n-train and --n-eval must be >= 1, got {self.seeds}, {self.n_train}, "
+                             f"{self.n_eval}")
         self.out = self.out or ("runs/demo-quick" if self.quick else "runs/demo")
 
 
@@ -154,7 +153,7 @@ def run_demo(cfg: DemoConfig) -> dict:
         report["method"] = method_line(report["train_config"]["method"])
         report["health"] = {run.name: replay(HealthConfig(**read_config(run)["health"]),
                                              read_metrics(run / "metrics.jsonl")) for run in runs}
-        grid = grid_png(cfg, out, runs[0], ema)
+        grid = grid_png(out / "data" / "eval", runs[0], ema)
         (out / "report.html").write_text(render_html(report, grid, runs))
     (out / "report.json").write_text(json.dumps(report, indent=1))
     print0(headline(report))
@@ -206,115 +205,3 @@ def method_line(m: dict) -> str:
     if m.get("distill_weight", 0) > 0:
         line += f" + {m['distill_weight']:g} × paired distillation ‖x̂0 − x0‖² (from each latent's own teacher noise)"
     return line
-
-
-def headline(r: dict) -> str:
-    k = r["kid"]
-    return (f"KID teacher {k['teacher']['mean']:.4f} | untrained {k['untrained']['mean']:.4f} | LADD "
-            f"{k['ladd']['mean']:.4f} ± {k['ladd']['std']:.4f} (n={k['ladd']['n']}); gap closed "
-            f"{r['gap_closed']:.2f}; (untrained − LADD) / SE = {r['ladd_vs_untrained_se']:.1f}; {guards_line(r)}")
-
-
-def guards_line(r: dict) -> str:
-    """Which health guards fired in which seed (replayed from each run's metrics.jsonl)."""
-    guards = ("collapse_logits", "diversity", "drift")
-    fired = [f"{name} ({', '.join(g for g in guards if v[g])})"
-             for name, v in r.get("health", {}).items() if any(v[g] for g in guards)]
-    return "health guards fired: " + "; ".join(fired) if fired else "no health guard fired"
-
-
-def grid_png(cfg: DemoConfig, out: Path, run: Path, ema: bool = False, n: int = 8) -> str:
-    """teacher 50 steps | untrained 4 steps | LADD 4 steps, same prompts and seeds, as base64 PNG."""
-    from PIL import Image
-
-    from ladd.eval.kid import load_references
-    from ladd.eval.samplers import load_sampler, untrained_sampler
-    from ladd.images import tile
-
-    refs = load_references(out / "data" / "eval", limit=n)
-    res = refs.images.shape[1]
-    student = load_sampler("run", run, ema=ema, steps=4, device="cpu", dtype="fp32")
-    # The untrained row visits the student's own timesteps, as the table's baseline does.
-    untrained = untrained_sampler(student.pipe, 4, student.info["timesteps"])
-    rows = [refs.images] + [s.images(s.latents(list(refs.prompts), list(refs.seeds), res))
-                            for s in (untrained, student)]
-    grid = tile(np.concatenate(rows), cols=len(rows[0]), upscale=2)
-    buf = io.BytesIO()
-    Image.fromarray(grid).save(buf, format="PNG")
-    return base64.b64encode(buf.getvalue()).decode()
-
-
-def curves_png(runs: list[Path], report: dict) -> str:
-    """The training metrics of every seed, then KID and caption accuracy on the eval set over steps."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    keys = ["d_loss", "g_loss", "logit_gap", "accuracy_real", "accuracy_fake", "val_latent_mse"]
-    evals = {"KID on the eval set (dashed: teacher)": ("kid", report["kid"]["teacher"]["mean"]),
-             "caption accuracy on the eval set (dashed: teacher)": ("caption_accuracy",
-                                                                    report["caption_accuracy"]["teacher"])}
-    fig, axes = plt.subplots(2, 4, figsize=(16, 6))
-    for run in runs:
-        rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-        for ax, key in zip(axes.flat, keys):
-            pts = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), int | float)]
-            if pts:
-                ax.plot(*zip(*pts), label=run.name, lw=1)
-        points = report.get("over_steps", {}).get(run.name, [])
-        for ax, (key, _) in zip(axes.flat[len(keys):], evals.values()):
-            pts = [(p["step"], p[key]) for p in points if p[key] is not None]
-            if pts:
-                ax.plot(*zip(*pts), marker="o", label=run.name, lw=1)
-    for ax, (title, (_, teacher)) in zip(axes.flat[len(keys):], evals.items()):
-        if teacher is not None and math.isfinite(teacher):
-            ax.axhline(teacher, ls="--", color="gray", lw=1)
-    for ax, title in zip(axes.flat, keys + list(evals)):
-        ax.set_title(title, fontsize=9)
-        ax.set_xlabel("step")
-    axes.flat[0].legend(fontsize=7)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=90)
-    plt.close(fig)
-    return base64.b64encode(buf.getvalue()).decode()
-
-
-def render_html(r: dict, grid: str, runs: list[Path]) -> str:
-    def fmt(x):
-        return "—" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.4f}"
-
-    k, a = r["kid"], r["caption_accuracy"]
-    ladd_acc = a["ladd"] or {}
-    table = f"""
-<table>
-<tr><th></th><th>KID ↓ (mean ± std over seeds)</th><th>caption accuracy ↑</th><th>latent MSE to teacher ↓</th></tr>
-<tr><td>teacher, 50 steps, CFG 5 (noise floor)</td><td>{fmt(k['teacher']['mean'])}</td><td>{fmt(a['teacher'])}</td><td>—</td></tr>
-<tr><td>untrained student, 4 steps</td><td>{fmt(k['untrained']['mean'])}</td><td>{fmt(a['untrained'])}</td>
-<td>{fmt(r['latent_mse']['untrained'])}</td></tr>
-<tr><td>LADD student, 4 steps ({k['ladd']['n']} seeds)</td><td>{fmt(k['ladd']['mean'])} ± {fmt(k['ladd']['std'])}
- <small>(subset std per seed: {', '.join(fmt(s) for s in k['ladd_subset_std'])})</small></td>
-<td>{fmt(ladd_acc.get('mean'))} ± {fmt(ladd_acc.get('std'))}</td>
-<td>{fmt((r['latent_mse']['ladd'] or {}).get('mean'))}</td></tr>
-</table>
-<p>gap closed (KID): <b>{fmt(r['gap_closed'])}</b> · (untrained − LADD) / standard error:
-<b>{fmt(r['ladd_vs_untrained_se'])}</b></p>"""
-    reused = set(r.get("seconds_reused", []))
-    timing = "".join(f"<tr><td>{name}</td><td>{sec:.0f} s{' (reused: an earlier run did this stage)' if name in reused else ''}"
-                     f"</td></tr>" for name, sec in r["seconds"].items())
-    return f"""<!doctype html><html><head><meta charset="utf-8"><title>ladd demo</title>
-<style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto}}table{{border-collapse:collapse}}
-td,th{{border:1px solid #ccc;padding:4px 8px}}img{{image-rendering:pixelated;max-width:100%}}</style></head><body>
-<h1>LADD on the toy world</h1>
-<p>{headline(r)}</p>
-<p>Student loss: {html.escape(r.get('method', ''))}</p>
-<h2>Same prompts and seeds: teacher 50 steps | untrained 4 steps | LADD 4 steps (rows)</h2>
-<img src="data:image/png;base64,{grid}">
-<h2>Metrics</h2>{table}
-<h2>Training curves</h2><img src="data:image/png;base64,{curves_png(runs, r)}">
-<h2>Stage timings</h2><table>{timing}</table>
-<h2>Configuration</h2><pre>{json.dumps(r['config'], indent=1)}</pre>
-<h3>Training (seed 0, resolved)</h3><pre>{html.escape(json.dumps(r.get('train_config'), indent=1))}</pre>
-<h2>Machine</h2><pre>{json.dumps(r['machine'], indent=1)}</pre>
-</body></html>"""

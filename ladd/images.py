@@ -1,4 +1,5 @@
-"""Image grids: the one tiling used by validation, evaluation, the toy world, the demo and benchmarks."""
+"""Images: uint8 conversion, the one tiling (validation, evaluation, the toy world, the demo, benchmarks)
+and the one PNG encoder."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from ladd import files
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
@@ -26,9 +29,19 @@ def tile(images: np.ndarray, cols: int = 8, pad: int = 2, upscale: int = 1) -> n
     return grid.repeat(upscale, 0).repeat(upscale, 1) if upscale > 1 else grid
 
 
-def write_png(picture: np.ndarray, path: str | Path) -> None:
+def png_bytes(picture: np.ndarray) -> bytes:
+    """(H, W, 3) uint8 -> PNG file bytes: the one PNG encoder of ladd."""
+    import io
+
     from PIL import Image
 
+    buf = io.BytesIO()
+    Image.fromarray(picture).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def write_png(picture: np.ndarray, path: str | Path) -> None:
+    """A PNG file, written atomically (ladd/files.py), its folder made if needed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(picture).save(path)
+    files.write_bytes(path, png_bytes(picture))

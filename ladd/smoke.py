@@ -1,8 +1,9 @@
-"""A tiny end-to-end smoke run of the foundation, in seconds on a CPU (what `make demo` runs until the
-full demo lands): build a tiny ZImagePipeline, make teacher latents (50 steps, CFG 5) through the
-adapter, run a few LADD steps, sample the student in 4 steps, and say what happened at each stage.
+"""A seconds-long end-to-end smoke run on a CPU, no teacher needed: build a random-weight tiny
+ZImagePipeline, make teacher latents (50 steps, CFG 5) through the adapter, run a few LADD steps,
+sample the student in 4 steps, and say what happened at each stage. It checks that the installation
+works end to end; `ladd demo` (without --smoke) is the real job on the toy teacher.
 
-    python -m ladd demo
+    ladd demo --smoke
 """
 
 from __future__ import annotations

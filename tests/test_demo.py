@@ -68,7 +68,7 @@ def test_demo_judges_a_run_with_ema_by_its_ema_weights(tmp_path):
 
 
 def test_guards_line_names_the_seeds_and_guards_that_fired():
-    from ladd.demo import guards_line
+    from ladd.report import guards_line
 
     calm = {"collapse_logits": False, "diversity": False, "drift": False, "excused_steps": 40}
     assert guards_line({"health": {"seed-0": calm}}) == "no health guard fired"

@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+from ladd import files
 from ladd.cli import main
 from ladd.data import shards as fmt
 from ladd.data.prompts import PromptFileError, read_prompts
@@ -200,15 +201,15 @@ def test_out_of_disk_leaves_no_half_shard(tiny_dir, tmp_path, capsys, monkeypatc
         f.write(bytes(data[: len(data) // 2]))
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(fmt, "_write_chunks", disk_full)
+    monkeypatch.setattr(files, "_write_chunks", disk_full)
     prompts = _write(tmp_path / "p.txt", SEVEN[:2])
     with pytest.raises(fmt.DataError):  # the manifest itself cannot be written either
         fmt.write_json(tmp_path / "m.json", {"a": 1})
     assert list(tmp_path.glob("m.json*")) == []
     monkeypatch.undo()
     out = tmp_path / "out"
-    real = fmt._write_chunks
-    monkeypatch.setattr(fmt, "_write_chunks", lambda f, d: (disk_full if len(d) > 5000 else real)(f, d))
+    real = files._write_chunks
+    monkeypatch.setattr(files, "_write_chunks", lambda f, d: (disk_full if len(d) > 5000 else real)(f, d))
     rc, _, err = _cli(capsys, "precompute", "--pipeline", tiny_dir, "--prompts", prompts, "--out", out, "--steps", 2)
     assert rc == 2 and "No space left on device" in err and "shard-00000.safetensors" in err
     assert len(_error_lines(err)) == 1 and "No space left" in _error_lines(err)[0]

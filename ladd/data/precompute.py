@@ -303,10 +303,7 @@ class Teacher:
     @torch.no_grad()
     def write_images(self, out: Path, latents: torch.Tensor, first: int, decode_first: int) -> int:
         """PNGs of samples first.. (< decode_first) via the VAE with its scaling and shift; bytes written."""
-        import io
-
-        from PIL import Image
-
+        from ladd.images import png_bytes
         from ladd.sampling import decode
 
         written = 0
@@ -318,10 +315,9 @@ class Teacher:
             image = decode(self.pipe, latents[j : j + 1].float().to(self.device))[0]
             # As the pipeline's postprocess: [0, 1] -> round(255·x) as uint8.
             pixels = (image.permute(1, 2, 0).cpu().numpy() * 255).round().astype("uint8")
-            buf = io.BytesIO()
-            Image.fromarray(pixels).save(buf, format="PNG")
-            fmt.write_atomic(path, buf.getvalue())
-            written += len(buf.getvalue())
+            data = png_bytes(pixels)
+            fmt.write_atomic(path, data)
+            written += len(data)
         return written
 
 

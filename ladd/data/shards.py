@@ -19,7 +19,6 @@ from __future__ import annotations
 import bisect
 import hashlib
 import json
-import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import NamedTuple
@@ -30,12 +29,14 @@ from safetensors import safe_open
 from safetensors.torch import save as safetensors_bytes
 from torch import Tensor
 
+from ladd import files
+
 FORMAT = "ladd-teacher-latents"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 PROMPTS = "prompts.jsonl"
 IMAGES = "images"
-_CHUNK = 1 << 24  # 16 MiB: streaming hashes and writes never hold a second copy of a big file
+_CHUNK = 1 << 24  # 16 MiB: streaming hashes never hold a second copy of a big file
 
 
 class DataError(ValueError):
@@ -93,26 +94,14 @@ def fingerprint_folder(folder: str | Path) -> str:
 
 
 def write_atomic(path: Path, data: bytes) -> None:
-    """Write under `path.tmp`, fsync, rename. On failure (a full disk) nothing is left behind."""
-    tmp = path.with_name(path.name + ".tmp")
+    """Write under `path.tmp`, fsync, rename (ladd/files.py). On failure (a full disk) nothing is left behind."""
     try:
-        with open(tmp, "wb") as f:
-            _write_chunks(f, data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        files.write_bytes(path, data, fsync=True, unique=False)
     except OSError as err:
-        tmp.unlink(missing_ok=True)
         raise DataError(
             f"could not write {path.name} ({len(data):,} bytes): {err.strerror or err}; no partial file "
             f"was left, rerun the same command to resume"
         ) from None
-
-
-def _write_chunks(f, data: bytes) -> None:
-    view = memoryview(data)
-    for start in range(0, len(view), _CHUNK):
-        f.write(view[start : start + _CHUNK])
 
 
 def write_json(path: Path, obj: dict) -> None:

@@ -21,10 +21,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from ladd import files
 
 SEED_STRIDE = 1_000_000  # eval seed s draws noise seed (reference seed + s · SEED_STRIDE)
 
@@ -131,9 +132,7 @@ def _cached_row(path: Path, make) -> dict:
         row["cached"] = True
         return row
     row = make()
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # atomic: parallel sweep trials may race here
-    tmp.write_text(json.dumps(row, indent=1) + "\n")
-    os.replace(tmp, path)
+    files.write_text(path, json.dumps(row, indent=1) + "\n")  # atomic: parallel sweep trials may race here
     return {**row, "cached": False}
 
 
@@ -251,7 +250,7 @@ def generate(source: str, path: str, prompts: list[str], seeds: list[int], out: 
 
     from ladd.data.precompute import resolve_resolution
     from ladd.eval import samplers
-    from ladd.eval.kid import save_png
+    from ladd.images import tile, write_png
 
     if len(seeds) == 1 and len(prompts) > 1:
         seeds = [seeds[0] + i for i in range(len(prompts))]  # as precompute: prompt i gets seed + i
@@ -268,13 +267,11 @@ def generate(source: str, path: str, prompts: list[str], seeds: list[int], out: 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     for i, (image, seed) in enumerate(zip(images, seeds)):
-        (out / f"{i:05d}-seed{seed}.png").write_bytes(save_png(image))
+        write_png(image, out / f"{i:05d}-seed{seed}.png")
     save_file({"latents": latents.contiguous(), "seeds": torch.tensor(seeds)}, str(out / "latents.safetensors"))
     (out / "prompts.jsonl").write_text("".join(json.dumps({"prompt": p, "seed": sd}) + "\n"
                                                for p, sd in zip(prompts, seeds)))
     if grid:
-        from ladd.images import tile, write_png
-
         write_png(tile(images), out / "grid.png")
     print(f"wrote {len(images)} images ({s.label}, guidance {guidance:g}) to {out}")
     return latents
@@ -292,6 +289,9 @@ def _source(args) -> tuple[str | None, str | None]:
 
 
 def add_parser(sub) -> None:
+    from dataclasses import fields
+
+    d = {f.name: f.default for f in fields(EvalConfig)}  # `ladd eval`'s defaults are EvalConfig's
     p = sub.add_parser("eval", help="KID/FID, latent MSE and caption accuracy against teacher references")
     p.add_argument("--data", required=True, help="a `ladd precompute` folder of held-out prompts")
     which = p.add_mutually_exclusive_group()
@@ -299,20 +299,26 @@ def add_parser(sub) -> None:
     which.add_argument("--checkpoint", help="one checkpoint folder (checkpoints/step-XXXXXXXX)")
     which.add_argument("--exported", help="a `ladd export` folder")
     which.add_argument("--untrained", action="store_true", help="only the untrained baseline (always printed)")
-    p.add_argument("--teacher", action="store_true", help="also the teacher at its own steps (noise floor)")
-    p.add_argument("--ema", action="store_true", help="the EMA weights of the run / checkpoint")
-    p.add_argument("--steps", type=int, default=4)
-    p.add_argument("--subsets", type=int, default=50)
-    p.add_argument("--subset-size", type=int, default=100)
-    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="eval seeds (0 = the references' noise)")
-    p.add_argument("--features", default="inception", help="inception | random-conv | torchmetrics-inception")
-    p.add_argument("--no-fid", action="store_true")
-    p.add_argument("--limit", type=int, default=None, help="only the first N eval prompts")
-    p.add_argument("--pipeline", default=None, help="the teacher pipeline (default: the run's or the data's)")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--dtype", choices=("auto", "fp32", "bf16"), default="auto", help="auto: bf16 on GPU, else fp32")
-    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    p.add_argument("--out", default=None, help="write the results as JSON here")
+    p.add_argument("--teacher", action="store_true", default=d["teacher"],
+                   help="also the teacher at its own steps (noise floor)")
+    p.add_argument("--ema", action="store_true", default=d["ema"], help="the EMA weights of the run / checkpoint")
+    p.add_argument("--steps", type=int, default=d["steps"], help="student sampling steps (default %(default)s)")
+    p.add_argument("--subsets", type=int, default=d["subsets"], help="KID subsets (default %(default)s)")
+    p.add_argument("--subset-size", type=int, default=d["subset_size"],
+                   help="images per KID subset (default %(default)s)")
+    p.add_argument("--seeds", type=int, nargs="+", default=list(d["seeds"]),
+                   help="eval seeds (0 = the references' noise; default %(default)s)")
+    p.add_argument("--features", default=d["features"],
+                   help="inception | random-conv | torchmetrics-inception (default %(default)s)")
+    p.add_argument("--no-fid", action="store_false", dest="fid", default=d["fid"], help="skip FID")
+    p.add_argument("--limit", type=int, default=d["limit"], help="only the first N eval prompts")
+    p.add_argument("--pipeline", default=d["pipeline"],
+                   help="the teacher pipeline (default: the run's or the data's)")
+    p.add_argument("--batch-size", type=int, default=d["batch_size"], help="default %(default)s")
+    p.add_argument("--dtype", choices=("auto", "fp32", "bf16"), default=d["dtype"],
+                   help="auto: bf16 on GPU, else fp32")
+    p.add_argument("--device", default=d["device"], help="default: cuda if available, else cpu")
+    p.add_argument("--out", default=d["out"], help="write the results as JSON here")
     p.set_defaults(func=cmd_eval)
 
     g = sub.add_parser("generate", help="few-step images from a run or an exported student")
@@ -348,7 +354,7 @@ def cmd_eval(args) -> int:
     source, path = _source(args)
     cfg = EvalConfig(data=args.data, source=source, path=path, ema=args.ema, steps=args.steps, teacher=args.teacher,
                      features=args.features, subsets=args.subsets, subset_size=args.subset_size,
-                     seeds=tuple(args.seeds), fid=not args.no_fid, limit=args.limit, batch_size=args.batch_size,
+                     seeds=tuple(args.seeds), fid=args.fid, limit=args.limit, batch_size=args.batch_size,
                      dtype=args.dtype, device=args.device, pipeline=args.pipeline, out=args.out)
     evaluate(cfg)
     return 0

@@ -18,9 +18,7 @@ stream alone), so a score is reproducible and equals torchmetrics' own run under
 from __future__ import annotations
 
 import hashlib
-import io
 import json
-import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +28,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from ladd import files
 from ladd.data import shards as fmt
 from ladd.eval.features import FeatureExtractor, extract_features
 from ladd.images import to_uint8
@@ -104,9 +103,8 @@ def _decoded_references(data_dir: Path, manifest: dict, latents: Tensor, pipe) -
     device = pipe.vae.device
     images = np.concatenate([to_uint8(decode(pipe, latents[i : i + 8].to(device))) for i in range(0, len(latents), 8)])
     if vae_id != "unknown-vae":
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-        save_file({"images": torch.from_numpy(images)}, str(tmp))
-        os.replace(tmp, path)
+        with files.replacing(path) as tmp:
+            save_file({"images": torch.from_numpy(images)}, str(tmp))
     return images
 
 
@@ -117,10 +115,9 @@ def reference_features(refs: ReferenceSet, extractor: FeatureExtractor, batch_si
     if path.is_file():
         return load_file(str(path))["features"]
     feats = extract_features(extractor, refs.images, batch_size)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # atomic: parallel sweep trials may race here
-    save_file({"features": feats.contiguous()}, str(tmp), metadata={"extractor": extractor.name,
-                                                                   "images": str(len(refs.images))})
-    os.replace(tmp, path)
+    with files.replacing(path) as tmp:  # parallel sweep trials may race here
+        save_file({"features": feats.contiguous()}, str(tmp), metadata={"extractor": extractor.name,
+                                                                       "images": str(len(refs.images))})
     return feats
 
 
@@ -198,11 +195,3 @@ def summarize(per_seed: list[dict]) -> dict:
     caption = {k: float(np.mean([c[k] for c in caps])) for k in caps[0]} if caps else None
     return {"kid": kid, "fid": fid, "latent_mse": paired[0] if paired else None, "caption_accuracy": caption,
             "seeds": [s["seed"] for s in per_seed]}
-
-
-def save_png(image: np.ndarray) -> bytes:
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(image).save(buf, format="PNG")
-    return buf.getvalue()

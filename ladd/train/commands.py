@@ -31,6 +31,8 @@ def add_parser(sub) -> None:
     csub = p.add_subparsers(dest="config_command", metavar="<show|diff>", required=True)
     show = csub.add_parser("show", help="print the fully resolved config")
     _config_args(show)
+    show.add_argument("--doc", action="store_true",
+                      help="each key's doc and type as a comment above it (still TOML: save it as a config)")
     show.set_defaults(func=cmd_config_show)
     d = csub.add_parser("diff", help="keys whose resolved values differ")
     d.add_argument("a")
@@ -54,7 +56,7 @@ def cmd_train(args) -> int:
 def cmd_config_show(args) -> int:
     from ladd.config import to_toml
 
-    print(to_toml(_load(args)))
+    print(to_toml(_load(args), doc=args.doc))
     return 0
 
 
