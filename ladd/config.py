@@ -266,10 +266,14 @@ class TrainConfig(Section):
     """complete checkpoints kept; older ones are deleted"""
     teacher_sharded: bool = False
     """FSDP-shard the frozen teacher too (smaller GPUs)"""
+    max_minutes: float = 0.0
+    """wall-clock budget: past it the run checkpoints and exits 0 (0 = none); leave a step and a save of margin"""
+    collective_timeout_s: float = 600.0
+    """seconds a collective waits for the other ranks before failing (a hung rank; NCCL's default is 30 min)"""
 
     def check(self):
-        self.at_least(0, "steps")
-        self.at_least(1, "checkpoint_every", "keep_last")
+        self.at_least(0, "steps", "max_minutes")
+        self.at_least(1, "checkpoint_every", "keep_last", "collective_timeout_s")
         if not 0 <= self.ema_decay < 1:
             raise ConfigError(f"train.ema_decay must be in [0, 1), got {self.ema_decay}")
 

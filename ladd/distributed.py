@@ -83,6 +83,15 @@ def any_rank(flag: bool, device: torch.device) -> bool:
     return bool(t.item() > 0)
 
 
+def any_ranks(flags: list[bool], device: torch.device) -> list[bool]:
+    """`any_rank` for several flags in one all-reduce (the loop's per-step stop requests)."""
+    if not dist.is_initialized():
+        return list(flags)
+    t = torch.tensor([1.0 if f else 0.0 for f in flags], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return [bool(v > 0) for v in t.tolist()]
+
+
 def broadcast0(value: int, device: torch.device) -> int:
     """Rank 0's integer, on every rank (e.g. rank 0's verdict on an output folder)."""
     if not dist.is_initialized():
@@ -109,6 +118,38 @@ def mean_over_ranks(values: dict[str, float], device: torch.device) -> dict[str,
     dist.all_reduce(t, op=dist.ReduceOp.SUM)
     t /= dist.get_world_size()
     return dict(zip(keys, t.tolist()))
+
+
+class RankLost(RuntimeError):
+    """A collective failed because another rank died or hung; the message is the one line to print."""
+
+
+def lost_ranks(wait_s: float = 3.0) -> tuple[list[int], list[int]] | None:
+    """After a collective failed on this rank: (ranks that did not answer, ranks that did).
+
+    Every rank that survives a failed collective reports itself in the rendezvous store (torchrun's,
+    which outlives its workers) and waits up to `wait_s` for the others: a rank that never reports is
+    dead or hung. None when the store itself cannot be reached (its host is gone)."""
+    if not dist.is_initialized():
+        return None
+    import time
+
+    from torch.distributed.distributed_c10d import _get_default_store
+
+    world = dist.get_world_size()
+    # Keys are per restart of an elastic job (a fresh store otherwise), so a rerun never reads old ones.
+    prefix = f"ladd/alive/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/"
+    try:
+        store = _get_default_store()
+        store.set(prefix + str(dist.get_rank()), "1")
+        deadline = time.monotonic() + wait_s
+        while True:
+            present = [r for r in range(world) if store.check([prefix + str(r)])]
+            if len(present) == world or time.monotonic() >= deadline:
+                return [r for r in range(world) if r not in present], present
+            time.sleep(0.1)
+    except Exception:  # the store's host is gone too: nothing more to learn
+        return None
 
 
 def gather_tensor(x: torch.Tensor) -> torch.Tensor:

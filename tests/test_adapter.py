@@ -41,6 +41,7 @@ def test_convention_is_ladds_not_zimages(tiny_pipe, caps):
     assert (v - wrong_t).abs().max() > 1e-3  # the timestep really is flipped, not ignored
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("guidance,steps", [(0.0, 8), (5.0, 50)])
 def test_euler_sampling_reproduces_pipeline(tiny_pipe, caps, guidance, steps):
     """Adapter + our Euler loop == ZImagePipeline(..., output_type="latent"), ≤ 1e-5 in float32."""

@@ -3,12 +3,14 @@
 import json
 import shutil
 
+import pytest
 from safetensors import safe_open
 
 from ladd.demo import DemoConfig, run_demo
 from ladd.models.tiny import build_tiny_pipeline
 
 
+@pytest.mark.slow
 def test_demo_runs_caches_and_reports(tmp_path):
     build_tiny_pipeline(seed=1).save_pretrained(tmp_path / "tiny")
     cfg = DemoConfig(out=str(tmp_path / "demo"), seeds=2, pipeline=str(tmp_path / "tiny"), n_train=8, n_eval=8,
@@ -47,6 +49,7 @@ def test_demo_runs_caches_and_reports(tmp_path):
     assert "reused: an earlier run did this stage" in (tmp_path / "demo" / "report.html").read_text()
 
 
+@pytest.mark.slow
 def test_demo_judges_a_run_with_ema_by_its_ema_weights(tmp_path):
     build_tiny_pipeline(seed=1).save_pretrained(tmp_path / "tiny")
     common = dict(seeds=1, pipeline=str(tmp_path / "tiny"), n_train=8, n_eval=8, steps=3, features="random-conv",

@@ -138,6 +138,7 @@ def test_eval_kid_equals_torchmetrics_on_generated_images(world, tmp_path):
     assert result["rows"][0]["kid"]["mean"] == student["kid"]["mean"]
 
 
+@pytest.mark.slow
 def test_untrained_baseline_is_computed_once(world, monkeypatch):
     from ladd.eval import samplers
     from ladd.eval.commands import EvalConfig, evaluate
@@ -157,6 +158,7 @@ def test_untrained_baseline_is_computed_once(world, monkeypatch):
     assert calls.count("untrained") == 4
 
 
+@pytest.mark.slow
 def test_export_round_trip_matches_generate(world, tmp_path):
     from diffusers import ZImagePipeline
     from safetensors.torch import load_file

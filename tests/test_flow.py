@@ -2,6 +2,7 @@
 
 import math
 
+import pytest
 import torch
 
 from ladd.flow import (
@@ -60,6 +61,7 @@ def test_scheduler_reaches_zero_in_50_and_4_steps(tiny_pipe):
     assert teacher_sigmas(tiny_pipe.scheduler, 50, 64)[-2] < 0.07  # the last real step is nearly clean
 
 
+@pytest.mark.slow
 def test_teacher_sigmas_are_the_pipelines(tiny_pipe):
     tiny_pipe("x", height=32, width=32, num_inference_steps=50, guidance_scale=0.0,
               generator=torch.Generator().manual_seed(0), output_type="latent")

@@ -39,6 +39,7 @@ def test_adapters_off_is_the_teacher_exactly(lora):
     assert (student.velocity - before.velocity).abs().max() > 1e-3
 
 
+@pytest.mark.slow
 def test_g_step_changes_only_adapters(lora):
     pipe, caps, x, _, _ = lora
     tr = pipe.transformer
@@ -84,6 +85,7 @@ def test_g_step_under_checkpointing_matches_plain(lora):
         torch.testing.assert_close(after[True][k], after[False][k], rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_lora_run_exports_a_pipeline_and_a_lora_file(tmp_path):
     """A trained LoRA student: the exported folder and the LoRA file both reproduce it."""
     from diffusers import ZImagePipeline

@@ -185,6 +185,7 @@ def test_resume_after_a_kill(seven, tmp_path, capsys, monkeypatch):
     assert _files(out) == _files(clean)
 
 
+@pytest.mark.slow
 def test_two_processes_are_byte_identical(seven, tmp_path):
     clean, args = seven
     args = [str(a) for a in args]

@@ -57,6 +57,7 @@ def _changed(before, module):
     return any(not torch.equal(before[k], v) for k, v in module.state_dict().items())
 
 
+@pytest.mark.slow
 def test_student_input_is_interpolated_teacher_latent(setup):
     """Regression (student fed pure noise): at t = 0.25 the input is 75 % teacher latent."""
     models, batch, opt_g, opt_d = setup
@@ -71,6 +72,7 @@ def test_student_input_is_interpolated_teacher_latent(setup):
     torch.testing.assert_close(call["sigma"], t)
 
 
+@pytest.mark.slow
 def test_real_samples_are_renoised_teacher_latents(setup):
     """Regression ("real" = noise mixed with noise): real = (1 − t̂)·x0 + t̂·ε2, sharing t̂ with fake."""
     models, batch, opt_g, opt_d = setup
@@ -86,6 +88,7 @@ def test_real_samples_are_renoised_teacher_latents(setup):
     torch.testing.assert_close(real - (1 - t_hat).view(-1, 1, 1, 1) * batch.x0, t_hat.view(-1, 1, 1, 1) * eps2)
 
 
+@pytest.mark.slow
 def test_g_step_moves_only_the_student(setup):
     """Gradients flow student -> frozen teacher -> disc; only the student is updated."""
     models, batch, opt_g, opt_d = setup

@@ -134,6 +134,7 @@ def test_health_rules_mark_trials(tmp_path):
     assert health_status(cfg, {"stopped": None}) == "collapsed"
 
 
+@pytest.mark.slow
 def test_real_two_trial_sweep_on_the_tiny_pipeline(tmp_path_factory, tmp_path):
     from tests.test_eval import make_world, train_overrides
 

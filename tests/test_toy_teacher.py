@@ -5,6 +5,7 @@ These tests load the committed pipeline and sample it; they never train it.
 
 import time
 
+import pytest
 import torch
 from diffusers import ZImagePipeline
 
@@ -41,6 +42,7 @@ def _sample(pipe, prompts, steps, guidance):
     return to_uint8(decode(pipe, latents))
 
 
+@pytest.mark.slow
 def test_teacher_follows_captions_and_few_steps_lose():
     torch.set_num_threads(2)
     pipe = load_pipeline("toy")

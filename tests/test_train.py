@@ -55,12 +55,13 @@ def metrics_rows(out):
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_short_single_process_run(world):
     from ladd.train.loop import train
 
     out = world / "single"
     result = train(load_config(None, overrides(world, out, steps=6)))
-    assert result == {"step": 6, "stopped": None, "skipped_updates": 0, "last": result["last"]}
+    assert result == {"step": 6, "stopped": None, "finished": True, "skipped_updates": 0, "last": result["last"]}
     rows = metrics_rows(out)
     steps = [r for r in rows if "d_loss" in r]
     assert [r["step"] for r in steps] == [1, 2, 3, 4, 5, 6]
@@ -74,6 +75,7 @@ def test_short_single_process_run(world):
     assert load_config(out / "config.toml").train.steps == 6  # the resolved config round-trips
 
 
+@pytest.mark.slow
 def test_exact_resume_after_sigkill(world):
     """Killed mid-run (and once mid-save), re-run: bit-identical student and disc to an unbroken run."""
     ref = world / "unbroken"
@@ -97,6 +99,7 @@ def test_exact_resume_after_sigkill(world):
         assert any(not torch.equal(w[k], tiny[k]) for k in tiny)
 
 
+@pytest.mark.slow
 def test_two_rank_fsdp_run_and_single_process_load(world):
     out = world / "fsdp"
     run_cli(overrides(world, out, steps=4), nproc=2)
@@ -110,6 +113,7 @@ def test_two_rank_fsdp_run_and_single_process_load(world):
     assert len(rows) == 4 and all(r["samples_per_s"] > 0 for r in rows)
 
 
+@pytest.mark.slow
 def test_nan_guard_stops_and_keeps_last_good_checkpoint(world, monkeypatch):
     import ladd.train.loop as loop
 
@@ -222,6 +226,7 @@ def test_the_gap_rule_on_real_toy_runs():
             assert new["excused_steps"] > 0 and not new["drift"], name
 
 
+@pytest.mark.slow
 def test_gradient_accumulation_equivalence(monkeypatch):
     """2 micro-batches of 2 give the gradients of one batch of 4, with one optimizer step."""
     import copy
@@ -261,6 +266,7 @@ def test_gradient_accumulation_equivalence(monkeypatch):
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-7)
 
 
+@pytest.mark.slow
 def test_lr_warmup_and_decay_reach_both_optimizers(world):
     from ladd.train.loop import train
 
@@ -321,6 +327,7 @@ def test_shipped_configs_load():
     assert (eight.optim.lr_g, eight.optim.lr_d, eight.method.gen_update_interval) == (5e-6, 1e-5, 3)
 
 
+@pytest.mark.slow
 def test_gradient_checkpointing_flag_reaches_both_roles(world):
     from ladd.train.loop import Trainer
 
@@ -330,6 +337,7 @@ def test_gradient_checkpointing_flag_reaches_both_roles(world):
     # tests/test_adapter.py::test_taps_under_gradient_checkpointing proves the flag recomputes blocks.
 
 
+@pytest.mark.slow
 def test_doctor_reports_checks(world, capsys):
     from ladd.cli import main
 
@@ -340,6 +348,7 @@ def test_doctor_reports_checks(world, capsys):
     assert "[ok] teacher references are clean" in out and "plan: 1 rank(s)" in out
 
 
+@pytest.mark.slow
 def test_lora_student_run_checkpoints_adapters_only(world):
     pytest.importorskip("peft")
     from ladd.train.loop import train
@@ -355,6 +364,7 @@ def test_lora_student_run_checkpoints_adapters_only(world):
     assert any(not torch.equal(after[k], weights[k]) for k in weights)
 
 
+@pytest.mark.slow
 def test_ema_and_text_dropout(world):
     from ladd.train.loop import Trainer, train
 
@@ -373,6 +383,7 @@ def test_ema_and_text_dropout(world):
     assert all(torch.equal(c, empty_cond) for c in batch.text_cond)
 
 
+@pytest.mark.slow
 def test_distillation_pairs_each_latent_with_the_teacher_noise_that_made_it(world):
     """With method.distill_weight > 0 each batch carries x0's initial noise; ZImagePipeline started from
     that noise (the precompute's sampling: 4 steps, CFG 5) returns that x0."""
@@ -389,6 +400,7 @@ def test_distillation_pairs_each_latent_with_the_teacher_noise_that_made_it(worl
     assert Trainer(load_config(None, overrides(world, world / "pairs"))).next_micro_batches()[0].pair_eps is None
 
 
+@pytest.mark.slow
 def test_eval_warns_when_a_distilled_student_meets_its_training_noise(world):
     from ladd.eval.commands import seen_noise_warning
 
@@ -399,6 +411,7 @@ def test_eval_warns_when_a_distilled_student_meets_its_training_noise(world):
     assert seen_noise_warning({**config, "method": {"distill_weight": 0.0}}, [5], [0]) is None
 
 
+@pytest.mark.slow
 def test_drift_guard_stops_a_student_that_leaves_the_teacher(world):
     """A student blown away from the teacher (huge lr, G every step) is stopped by the drift guard;
     at step 0 the student is the teacher, so its drift is exactly 1."""
@@ -439,6 +452,7 @@ def _collapse_once_at(monkeypatch, at_step: int) -> list[int]:
     return steps
 
 
+@pytest.mark.slow
 def test_rollback_at_validation_goes_on_from_the_restored_step(world, monkeypatch, capsys):
     """A drift collapse seen by the validation at step 3 rolls back to the step-2 checkpoint: the next
     LADD step is step 2 again (its G/D schedule, curriculum and LR all from the restored step), and the
@@ -457,6 +471,7 @@ def test_rollback_at_validation_goes_on_from_the_restored_step(world, monkeypatc
     assert [r["lr_d"] for r in rows if r["step"] == 3] == [pytest.approx(1e-3 * 3 / 6), pytest.approx(0.5e-3 * 3 / 6)]
 
 
+@pytest.mark.slow
 def test_rollback_without_a_checkpoint_stops_and_says_so(world, monkeypatch, capsys):
     """health.on_collapse = "rollback" before the first checkpoint has nothing to restore: one line
     says so and the run stops (a collapsed student is not trained on), reported as a collapse stop."""

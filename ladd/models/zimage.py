@@ -120,7 +120,12 @@ class ZImageAdapter(nn.Module):
         img_lens = [len(t) for t in img]
         h = tr.all_x_embedder[key](torch.cat(img, dim=0))
         h, img_freqs, img_mask, _, _ = tr._prepare_sequence(
-            list(h.split(img_lens, dim=0)), img_pos, img_pad, tr.x_pad_token, None, device
+            feats=list(h.split(img_lens, dim=0)),
+            pos_ids=img_pos,
+            inner_pad_mask=img_pad,
+            pad_token=tr.x_pad_token,
+            noise_mask=None,
+            device=device,
         )
         for block in tr.noise_refiner:
             h = self._block(block, h, img_mask, img_freqs, adaln)
@@ -128,13 +133,33 @@ class ZImageAdapter(nn.Module):
         cap_lens = [len(t) for t in caps]
         c = tr.cap_embedder(torch.cat(caps, dim=0))
         c, cap_freqs, cap_mask, _, _ = tr._prepare_sequence(
-            list(c.split(cap_lens, dim=0)), cap_pos, cap_pad, tr.cap_pad_token, None, device
+            feats=list(c.split(cap_lens, dim=0)),
+            pos_ids=cap_pos,
+            inner_pad_mask=cap_pad,
+            pad_token=tr.cap_pad_token,
+            noise_mask=None,
+            device=device,
         )
         for block in tr.context_refiner:
             c = self._block(block, c, cap_mask, cap_freqs)
 
+        # Private diffusers methods, called by keyword: a reordered parameter is harmless, a renamed one
+        # fails loudly (tests/test_package.py pins the parameter names; pyproject.toml caps diffusers).
         u, u_freqs, u_mask, _ = tr._build_unified_sequence(
-            h, img_freqs, img_lens, None, c, cap_freqs, cap_lens, None, None, None, None, None, False, device
+            x=h,
+            x_freqs=img_freqs,
+            x_seqlens=img_lens,
+            x_noise_mask=None,
+            cap=c,
+            cap_freqs=cap_freqs,
+            cap_seqlens=cap_lens,
+            cap_noise_mask=None,
+            siglip=None,
+            siglip_freqs=None,
+            siglip_seqlens=None,
+            siglip_noise_mask=None,
+            omni_mode=False,
+            device=device,
         )
 
         grid_h, grid_w = H // self.patch_size, W // self.patch_size

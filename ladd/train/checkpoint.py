@@ -147,7 +147,18 @@ def load_weights(path: str | Path, part: str = "student") -> dict[str, torch.Ten
     return {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in sd.items()}
 
 
+def injected(point: str, step: int) -> bool:
+    """Fault-test hook: LADD_FAULT=<point>:<step>[:<rank>] (comma-separated for several) names a
+    fault to inject at `point` of step `step`, on every rank or on one."""
+    rank = os.environ.get("RANK", "0")
+    for spec in filter(None, os.environ.get("LADD_FAULT", "").split(",")):
+        parts = spec.split(":")
+        if parts[:2] == [point, str(step)] and (len(parts) == 2 or parts[2] == rank):
+            return True
+    return False
+
+
 def fault(point: str, step: int) -> None:
-    """Crash-test hook: LADD_FAULT=<point>:<step> SIGKILLs this process there (tests of exact resume)."""
-    if os.environ.get("LADD_FAULT") == f"{point}:{step}":
+    """Crash-test hook: SIGKILLs this process where LADD_FAULT says (tests of exact resume, dead ranks)."""
+    if injected(point, step):
         os.kill(os.getpid(), signal.SIGKILL)

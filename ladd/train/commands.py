@@ -47,9 +47,18 @@ def _load(args):
 
 
 def cmd_train(args) -> int:
+    """Exit 0 when the run finished or stopped to be resumed (preemption, train.max_minutes, a
+    collapse stop); 1 when it diverged (non-finite losses) or lost a rank."""
+    import sys
+
+    from ladd.distributed import RankLost
     from ladd.train.loop import train
 
-    result = train(_load(args))
+    try:
+        result = train(_load(args))
+    except RankLost as e:
+        print(f"ladd train: error: {e}", file=sys.stderr, flush=True)
+        return 1
     return 1 if result["stopped"] == "stop_nonfinite" else 0
 
 

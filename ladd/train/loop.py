@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import re
 import time
 from pathlib import Path
 
@@ -28,9 +29,10 @@ from ladd.models.loading import load_pipeline, resolve_pipeline
 from ladd.models.lora import TeacherView, add_lora
 from ladd.models.zimage import ZImageAdapter
 from ladd.sampling import seeded_noise
-from ladd.train.checkpoint import Checkpointer, TrainState, fault
+from ladd.train.checkpoint import Checkpointer, TrainState, fault, injected
 from ladd.train.health import Decision, Health
 from ladd.train.logging import MetricsLog
+from ladd.train.preemption import StopRequests
 from ladd.train.preflight import reference_checks
 from ladd.train.step import Batch, LaddModels, is_gen_step, ladd_step, trainable
 from ladd.train.validation import Validator
@@ -41,7 +43,7 @@ class Trainer:
 
     def __init__(self, cfg: Config):
         self.cfg = cfg
-        self.dist = d = distributed.init()
+        self.dist = d = distributed.init(timeout_hours=cfg.train.collective_timeout_s / 3600)
         if not cfg.data.path:
             raise ConfigError("data.path is empty: point it at a `ladd precompute` output folder")
         self.out = Path(cfg.train.out)
@@ -144,7 +146,10 @@ class Trainer:
             pair_eps = None
             if cfg.method.distill_weight > 0:  # each x0's own initial noise, by the precompute's seed rule
                 pair_eps = seeded_noise(b.seeds.tolist(), b.latents.shape[1:]).to(self.dist.device)
-            out.append(Batch(b.latents.to(self.dist.device), caps, cond, pair_eps))
+            latents = b.latents.to(self.dist.device)
+            if injected("nan_batch", self.state.step):  # fault tests: a damaged sample on this rank
+                latents = torch.full_like(latents, math.nan)
+            out.append(Batch(latents, caps, cond, pair_eps))
         return out
 
     def empty_caption(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -189,6 +194,29 @@ class Trainer:
         bar = tqdm(total=cfg.train.steps, initial=state.step, disable=not d.is_main, desc="train", unit="step")
         # The steps whose validation and checkpoint are done: a resumed (or rolled-back) step has both.
         last_saved = last_validated = state.step if resumed else -1
+        requests = StopRequests(cfg.train.max_minutes)
+        try:
+            stopped, summary = self._loop(validator, log, bar, requests, last_saved, last_validated)
+        except RuntimeError as e:  # gloo raises RuntimeError, NCCL its subclass DistBackendError
+            # Still inside the signal handlers: torchrun SIGTERMs the survivors of a dead worker, and
+            # this rank must live the few seconds it takes to say which rank is gone.
+            raise self.lost_rank_error(e) or e
+        finally:
+            requests.close()
+            bar.close()
+            log.close()
+        result = {"step": state.step, "stopped": f"stop_{stopped.cause}" if stopped else None,
+                  "finished": state.step >= cfg.train.steps, "skipped_updates": state.skipped,
+                  "last": {k: summary.get(k) for k in ("d_loss", "g_loss", "logit_gap")}}
+        if d.is_main:
+            (self.out / "result.json").write_text(json.dumps(result, indent=1) + "\n")
+        print0(json.dumps(result))
+        return result
+
+    def _loop(self, validator: Validator, log: MetricsLog, bar: tqdm, requests: StopRequests,
+              last_saved: int, last_validated: int) -> tuple[Decision | None, dict]:
+        """validate -> checkpoint -> stop? -> step -> log, until the last step or a stop."""
+        cfg, d, state = self.cfg, self.dist, self.state
         stopped: Decision | None = None
         summary: dict = {}
         while True:
@@ -210,6 +238,17 @@ class Trainer:
                 self.save()
                 last_saved = step
             if last_step:
+                break
+            # A preemption signal or the wall-clock budget on any rank stops every rank here, at the
+            # same step, after a checkpoint: the one all-reduce per step that makes that an agreement.
+            signalled, out_of_time = distributed.any_ranks(requests.flags(), d.device)
+            if signalled or out_of_time:
+                if step != last_saved:
+                    self.save()
+                why = (f"preempted ({requests.signal or 'a signal on another rank'})" if signalled
+                       else f"train.max_minutes = {cfg.train.max_minutes:g} reached")
+                print0(f"{why} at step {step}; rerun the same command to resume")
+                stopped = Decision("stop", "preempted" if signalled else "time_limit", why)
                 break
 
             t0 = time.perf_counter()
@@ -242,13 +281,22 @@ class Trainer:
                 break
             if decision.action == "rollback":
                 last_saved = last_validated = state.step
-        bar.close()
-        log.close()
-        result = {"step": state.step, "stopped": f"stop_{stopped.cause}" if stopped else None,
-                  "skipped_updates": state.skipped,
-                  "last": {k: summary.get(k) for k in ("d_loss", "g_loss", "logit_gap")}}
-        print0(json.dumps(result))
-        return result
+        return stopped, summary
+
+    def lost_rank_error(self, error: RuntimeError) -> distributed.RankLost | None:
+        """If `error` came from a collective whose peers are gone, the one-line error that names them."""
+        if not self.dist.enabled:
+            return None
+        found = distributed.lost_ranks()
+        if found is not None and not found[0]:
+            return None  # every rank answered: not a lost rank, a real error
+        lost = "an unknown rank (the rendezvous store is gone too)" if found is None else \
+            f"rank{'s' if len(found[0]) > 1 else ''} {', '.join(map(str, found[0]))}"
+        text = re.sub(r"^\[[^\]]*\]\s*", "", str(error).strip())  # gloo's "[.../pair.cc:537] " prefix
+        first = text.splitlines()[0][:160] if text else type(error).__name__
+        return distributed.RankLost(
+            f"rank {self.dist.rank} lost contact with {lost} at step {self.state.step} (dead or hung; "
+            f"{first}); the last complete checkpoint is {self.ckpt.latest()}: rerun the same command to resume")
 
     def act(self, decision: Decision, bar: tqdm) -> Decision | None:
         """Carry out a health decision (the same on every rank: it comes from rank-averaged metrics or
@@ -335,6 +383,11 @@ def _peak_mem_gb(device: torch.device) -> float:
 def train(cfg: Config) -> dict:
     trainer = Trainer(cfg)
     try:
-        return trainer.run()
-    finally:
+        result = trainer.run()
+    except distributed.RankLost:
+        raise  # no orderly shutdown: it would wait for the rank that is gone
+    except BaseException:
         distributed.shutdown()
+        raise
+    distributed.shutdown()
+    return result
