@@ -94,12 +94,16 @@ def run_demo(cfg: DemoConfig) -> dict:
             if not path.is_file():
                 path.write_text("\n".join(world.prompts(n, split, seed=0, **scene)) + "\n")
     with _stage(timings, "precompute"):
-        done = [run_precompute(PrecomputeConfig(
-            pipeline=cfg.pipeline, prompts=str(out / f"{split}.txt"), out=str(out / "data" / split),
-            steps=50, guidance=5.0, batch_size=32, seed=cfg.train_seed if split == "train" else 0,
-            decode_first=cfg.n_eval if split == "eval" else 0)).nothing_to_do for split in ("train", "eval")]
+        summaries = []
+        for split in ("train", "eval"):
+            summaries.append(run_precompute(PrecomputeConfig(
+                pipeline=cfg.pipeline, prompts=str(out / f"{split}.txt"), out=str(out / "data" / split),
+                steps=50, guidance=5.0, batch_size=32, seed=cfg.train_seed if split == "train" else 0,
+                decode_first=cfg.n_eval if split == "eval" else 0)))
+            if summaries[-1].stopped:  # preempted: its own line said so; the rerun continues
+                raise SystemExit(0)
     # Stages whose work an earlier invocation did: the report keeps that one's seconds.
-    reused = {"precompute"} if all(done) else set()
+    reused = {"precompute"} if all(s.nothing_to_do for s in summaries) else set()
 
     base = load_config(cfg.config, list(cfg.overrides))
     ema = base.train.ema_decay > 0  # a run that keeps an EMA is judged (and exported) by it

@@ -199,7 +199,18 @@ def model_state(model: nn.Module, opt: torch.optim.Optimizer | None = None) -> d
 
     # Frozen weights (a LoRA student's base) come from the pipeline folder; checkpoints skip them.
     options = StateDictOptions(ignore_frozen_params=True)
+    fresh = opt is not None and not opt.state
     model_sd, opt_sd = get_state_dict(model, optimizers=[opt] if opt is not None else [], options=options)
+    if fresh:
+        # get_state_dict creates a never-stepped optimizer's state with one step of zero gradients at
+        # lr 0: moments stay zero but Adam's step counter becomes 1, which changes every later bias
+        # correction — saving (at step 0, or before the first G-step) would change the run. Step 0
+        # with zero moments is exactly the state the first real step would create.
+        for param_state in opt.state.values():
+            if "step" in param_state:
+                step = param_state["step"]
+                param_state["step"] = step.zero_() if isinstance(step, torch.Tensor) else 0
+        model_sd, opt_sd = get_state_dict(model, optimizers=[opt], options=options)  # now with step 0
     return {"model": model_sd, "optim": opt_sd} if opt is not None else {"model": model_sd}
 
 
@@ -212,10 +223,33 @@ def load_model_state(model: nn.Module, opt: torch.optim.Optimizer | None, state:
 
 
 def dcp_save(state: dict, path: str) -> None:
-    """Collective: every rank writes its shards into the folder `path`."""
-    import torch.distributed.checkpoint as dcp
+    """Collective: every rank writes its shards into the folder `path`.
 
-    dcp.save(state, checkpoint_id=path)
+    A rank that cannot write (a full disk) makes every rank raise that rank's OSError: DCP gathers each
+    rank's outcome before any rank returns, so none is left waiting for the one that failed."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        dcp.save(state, checkpoint_id=path)
+    except CheckpointException as e:  # a BaseException carrying {rank: (exception, traceback)}
+        for _, (exc, _) in sorted(e.failures.items()):
+            if isinstance(exc, OSError):
+                raise OSError(exc.errno, exc.strerror or str(exc), exc.filename) from None
+        raise
+
+
+def dcp_extents(path: str) -> dict[str, int]:
+    """{data file: the bytes it must hold} from a DCP checkpoint's `.metadata` (raises if unreadable).
+
+    Every saved chunk is recorded there as (file, offset, length): a missing or truncated shard file
+    shows up here without reading any tensor data."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    need: dict[str, int] = {}
+    for info in FileSystemReader(path).read_metadata().storage_data.values():
+        need[info.relative_path] = max(need.get(info.relative_path, 0), info.offset + info.length)
+    return need
 
 
 def dcp_load(state: dict, path: str) -> None:

@@ -25,7 +25,9 @@ import argparse
 import hashlib
 import json
 import os
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,6 +80,7 @@ class PrecomputeSummary:
     seconds: float
     bytes_written: int
     nothing_to_do: bool = False
+    stopped: str | None = None  # the signal that stopped the job before it finished (SIGTERM, SIGUSR1)
 
     def line(self, out: str) -> str:
         rate = self.images / max(self.seconds, 1e-9)
@@ -219,6 +222,30 @@ class _Ranks:
         distributed.print0(*args, **kwargs)
 
 
+class _StopRequests:
+    """SIGTERM / SIGUSR1 (what SLURM sends before preemption; torchrun forwards SIGTERM and SIGKILLs 30 s
+    later) become a flag that the job reads between batches. Installed for the job only: `close()`
+    restores the previous handlers. Signal handlers can only be set from the main thread; elsewhere
+    (a job started from a thread) signals keep their previous meaning."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self):
+        self.signal: str | None = None
+        main = threading.current_thread() is threading.main_thread()
+        self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS} if main else {}
+
+    def _handle(self, signum, frame) -> None:
+        self.signal = self.signal or signal.Signals(signum).name  # only a flag: the batch in flight finishes
+
+    def __call__(self) -> bool:
+        return self.signal is not None
+
+    def close(self) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+
 class _Refused(PrecomputeError):
     """On ranks other than 0 when rank 0 refused the job (rank 0 prints why)."""
 
@@ -251,7 +278,9 @@ class Teacher:
         self.clip = _load_clip(cfg.clip, device) if cfg.clip else None
 
     @torch.no_grad()
-    def shard(self, prompts: list[str], seeds: list[int], progress) -> dict[str, torch.Tensor]:
+    def shard(self, prompts: list[str], seeds: list[int], progress,
+              stop=lambda: False) -> dict[str, torch.Tensor] | None:
+        """The shard's tensors; None when `stop()` turned true between batches (the shard is abandoned)."""
         from ladd.models.text import encode_prompts, pack, pooled
         from ladd.sampling import euler_sample, initial_noise
 
@@ -263,6 +292,8 @@ class Teacher:
         latents: list[torch.Tensor] = [None] * n
         caps: list[torch.Tensor] = [None] * n
         for b in range(0, n, bs):
+            if stop():  # a preemption signal: the batch in flight has finished, start no other
+                return None
             idx = order[b : b + bs]
             expect = [min(lengths[j], MAX_SEQUENCE_LENGTH) for j in idx]
             # Tokenising to the batch's longest prompt instead of 512 is exact: Qwen3 is causal, so
@@ -345,14 +376,16 @@ def run_precompute(cfg: PrecomputeConfig) -> PrecomputeSummary:
     except PromptFileError as err:
         raise PrecomputeError(str(err)) from None
 
-    ranks = _Ranks()
+    ranks, stop = _Ranks(), _StopRequests()
     try:
-        return _run(cfg, out, resolution, prompts, ranks, t0)
+        return _run(cfg, out, resolution, prompts, ranks, stop, t0)
     finally:
+        stop.close()
         ranks.stop()
 
 
-def _run(cfg, out: Path, resolution: int, prompts, ranks: _Ranks, t0: float) -> PrecomputeSummary:
+def _run(cfg, out: Path, resolution: int, prompts, ranks: _Ranks, stop: _StopRequests,
+         t0: float) -> PrecomputeSummary:
     from tqdm import tqdm
 
     # Rank 0 alone creates or validates OUT; the others learn the verdict (0 run, 1 done, 2 refused).
@@ -367,17 +400,26 @@ def _run(cfg, out: Path, resolution: int, prompts, ranks: _Ranks, t0: float) -> 
         raise error if error is not None else _Refused("rank 0 refused the job")
     manifest = fmt.read_manifest(out, require_complete=False)
     entries = manifest["shards"]
-    if status == 1:
-        ranks.print0(f"nothing to do: {out} already holds all {manifest['num_samples']} samples "
-                     f"({len(entries)} shards, manifest complete)")
-        return PrecomputeSummary(images=0, seconds=time.perf_counter() - t0, bytes_written=0, nothing_to_do=True)
 
     # Shards are dealt round-robin: shard k belongs to rank k % world, whatever was done before.
     mine = [k for k in range(len(entries)) if k % ranks.world == ranks.rank]
     for k in mine:  # a write that was killed half-way: never read, recomputed
         (out / (entries[k]["file"] + ".tmp")).unlink(missing_ok=True)
     present = [(out / e["file"]).is_file() for e in entries]
-    todo = [k for k in mine if not present[k]]
+    # A shard that exists was written whole, but it may have been damaged since (the reader would then
+    # refuse it): each rank checks its own written shards against their checksums before skipping them,
+    # and rewrites the damaged ones. Cost: one read of the data, split over the ranks (~2 GB/s per core).
+    if any(present):
+        ranks.print0(f"verifying the checksums of {sum(present)} written shards (each process its own)")
+    damaged = _damaged(out, entries, [k for k in mine if present[k]])
+    n_damaged = ranks.sum([len(damaged)])[0]  # every rank takes the same branch below
+    if n_damaged:
+        ranks.print0(f"repairing: {n_damaged} damaged shard(s) will be rewritten")
+    elif status == 1:
+        ranks.print0(f"nothing to do: {out} already holds all {manifest['num_samples']} samples "
+                     f"({len(entries)} shards, manifest complete, checksums verified)")
+        return PrecomputeSummary(images=0, seconds=time.perf_counter() - t0, bytes_written=0, nothing_to_do=True)
+    todo = [k for k in mine if not present[k] or k in damaged]
     images_todo = [k for k in mine if _missing_images(out, entries[k], manifest["decode_first"])]
     if any(present):
         first_missing = present.index(False) if not all(present) else len(entries)
@@ -387,34 +429,65 @@ def _run(cfg, out: Path, resolution: int, prompts, ranks: _Ranks, t0: float) -> 
                  f"process(es) on {ranks.device.type}, batch size {cfg.batch_size}")
 
     images = written = 0
+    finished: set[int] = set()  # shards this run wrote
+    stopped = False  # a signal stopped this rank before its work was done
     if todo or images_todo:
         teacher = Teacher(cfg, resolution, ranks.device)
         total = sum(entries[k]["count"] for k in todo)
         with tqdm(total=total, unit="img", desc=f"teacher (rank 0 of {ranks.world})", dynamic_ncols=True,
                   disable=ranks.rank != 0 or total == 0) as bar:
             for k in sorted(set(todo) | set(images_todo)):
+                if stopped := stop():  # start no new shard
+                    break
                 e, path = entries[k], out / entries[k]["file"]
                 if k in todo:
                     ids = range(e["first"], e["first"] + e["count"])
-                    tensors = teacher.shard([prompts.prompts[i] for i in ids], [cfg.seed + i for i in ids], bar)
+                    tensors = teacher.shard([prompts.prompts[i] for i in ids], [cfg.seed + i for i in ids], bar,
+                                            stop)
+                    if stopped := tensors is None:  # abandoned between batches: nothing of it was written
+                        break
                     sha, nbytes = fmt.write_shard(path, tensors, e["first"])
                     # A checksum beside the shard, so rank 0 need not re-read every shard to finalise.
                     fmt.write_atomic(out / (e["file"] + ".sha256"), f"{sha}  {e['file']}\n".encode())
                     images, written, latents = images + e["count"], written + nbytes, tensors["latents"]
+                    finished.add(k)
                 else:
                     from safetensors.torch import load_file
 
                     latents = load_file(path)["latents"]
                 written += teacher.write_images(out, latents, e["first"], manifest["decode_first"])
 
-    # Every rank is done once all have summed their counts; then rank 0 writes the final manifest.
-    images, written = ranks.sum([images, written])
-    if ranks.rank == 0:
-        _finalise(out, manifest)
+    # Every rank meets here, stopped or not (a stopped rank must not leave the others waiting, nor
+    # leave early): one all-reduce of the counts, the stop flags and which shards were written.
+    done = sum(entries[k]["count"] for k in mine if (present[k] and k not in damaged) or k in finished)
+    images, written, n_stopped, done, *wrote = ranks.sum(
+        [images, written, int(stopped), done] + [int(k in finished) for k in range(len(entries))])
     seconds = time.perf_counter() - t0
     summary = PrecomputeSummary(images=images, seconds=seconds, bytes_written=written)
+    if n_stopped:  # the manifest stays unfinished; the next run resumes at the first missing shard
+        last = max((k for k, w in enumerate(wrote) if w), default=None)
+        after = f"after shard {last}" if last is not None else "before finishing a shard"
+        summary.stopped = stop.signal or "a signal on another rank"
+        ranks.print0(f"precompute: stopped by {summary.stopped} {after} ({done} of {manifest['num_samples']} "
+                     f"samples done); rerun the same command to continue")
+        return summary
+    if ranks.rank == 0:
+        _finalise(out, manifest)
     ranks.print0(summary.line(str(out)))
     return summary
+
+
+def _damaged(out: Path, entries: list[dict], written: list[int]) -> list[int]:
+    """Of these written shards, those whose size or sha256 differs from what was recorded when they were
+    written (the `.sha256` beside it during a run, the manifest after one)."""
+    damaged = []
+    for k in written:
+        e, side = entries[k], out / (entries[k]["file"] + ".sha256")
+        record = {**e, "sha256": side.read_text().split()[0]} if side.is_file() else e
+        if why := fmt.shard_damage(out, record):
+            print(f"{e['file']}: {why}; rewriting it", flush=True)  # on the rank that owns the shard
+            damaged.append(k)
+    return damaged
 
 
 def _missing_images(out: Path, entry: dict, decode_first: int) -> bool:
@@ -491,6 +564,9 @@ def cmd_data_check(args: argparse.Namespace) -> int:
     problems = fmt.check_dataset(args.dir)
     for line in problems:
         print(f"ladd data check: {line}", file=sys.stderr)
+    if any(line.startswith("shard-") for line in problems):
+        print(f"to repair: rerun the `ladd precompute` command that made {args.dir} (same arguments); it "
+              f"verifies the written shards and rewrites only the damaged or missing ones")
     if problems:
         return 1
     m = fmt.read_manifest(args.dir)

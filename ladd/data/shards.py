@@ -19,7 +19,7 @@ from __future__ import annotations
 import bisect
 import hashlib
 import json
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import NamedTuple
 
@@ -213,6 +213,32 @@ def _check_shard(root: Path, manifest: dict, entry: dict) -> str | None:
     return None
 
 
+# What to do about a shard that no longer matches the manifest (precompute rewrites exactly those).
+REPAIR = "rerun `ladd precompute` with the same arguments to rewrite it (only damaged or missing shards are redone)"
+
+
+def shard_damage(root: Path, entry: dict, checksum: bool = True) -> str | None:
+    """Why a written shard no longer matches its entry ({"file", "bytes", "sha256"}; None values are not
+    checked), or None. The size is one stat; `checksum` also reads and hashes the whole file."""
+    file = root / entry["file"]
+    if not file.is_file():
+        return "missing"
+    size, expect = file.stat().st_size, entry.get("bytes")
+    if expect is not None and size < expect:
+        return f"truncated ({size:,} of {expect:,} bytes)"
+    if expect is not None and size != expect:
+        return f"wrong size ({size:,} bytes, the manifest says {expect:,})"
+    if checksum and entry.get("sha256") is not None and (found := sha256_file(file)) != entry["sha256"]:
+        return f"checksum mismatch (expected sha256:{entry['sha256'][:16]}…, found sha256:{found[:16]}…)"
+    return None
+
+
+def damage_line(root: Path, entry: dict, why: str) -> str:
+    """The reader's one line about a damaged shard: the file, what is wrong, what to do."""
+    what = "the file was removed" if why == "missing" else "the file was damaged"
+    return f"{root / entry['file']}: {why}; {what} after precompute wrote it — {REPAIR}"
+
+
 class ShardBatch(NamedTuple):
     latents: Tensor  # (B, C, H, W) float32 teacher latents
     cap_feats: list[Tensor]  # B × (L_i, cap_feat_dim) float32
@@ -229,6 +255,14 @@ class ShardDataset:
     slice perm[r::w] of its first w·⌊N/w⌋ entries, so ranks never overlap and all see the same count
     (the remainder is dropped, differently each epoch). `state_dict()` is the epoch and the position in
     this rank's slice: loading it continues with exactly the next sample.
+
+    Damaged data is never returned (`verify=True`): the constructor checks every shard's size against
+    the manifest (a stat each), and each shard's sha256 is checked the first time this process opens it;
+    a mismatch raises `DataError` with one line naming the file and the repair. Lazy, because a rank
+    that never opens a shard never pays, and nothing is hashed before the first step; but every rank
+    opens every shard within its first epoch, so each process hashes the whole dataset once (~2 GB/s
+    per core). Several ranks can instead split that work at start: `verify_shards(range(rank, n, w))`
+    on each, agree on the result, then `mark_verified()`.
     """
 
     def __init__(
@@ -238,6 +272,7 @@ class ShardDataset:
         world_size: int = 1,
         seed: int = 0,
         expect_fingerprint: str | None = None,
+        verify: bool = True,
     ):
         self.path = Path(path)
         self.manifest = read_manifest(self.path)
@@ -256,6 +291,12 @@ class ShardDataset:
         self.samples_per_rank = self.num_samples // world_size
         if self.samples_per_rank == 0:
             raise DataError(f"{self.path}: {self.num_samples} samples cannot be split over {world_size} ranks")
+        self.verify = verify
+        self._verified: set[int] = set()  # shards whose sha256 this process has checked (or was told to trust)
+        if verify:  # truncation and missing files at start, before any model time is spent
+            for entry in self.shards:
+                if why := shard_damage(self.path, entry, checksum=False):
+                    raise DataError(damage_line(self.path, entry, why))
         self.epoch, self.position = 0, 0
         self._handles: dict[int, object] = {}  # shard -> open safe_open handle (memory-mapped)
         self._cap_starts: dict[int, list[int]] = {}  # shard -> row offset of each sample's caption
@@ -264,9 +305,29 @@ class ShardDataset:
     def __len__(self) -> int:
         return self.num_samples
 
+    # --- verification ----------------------------------------------------------------------------
+    def verify_shards(self, shards: Iterable[int] | None = None) -> str | None:
+        """Check these shards' sha256 now (default: all); the first problem as one line, or None.
+        Checked shards are not hashed again when opened."""
+        for k in range(len(self.shards)) if shards is None else shards:
+            if k in self._verified:
+                continue
+            if why := shard_damage(self.path, self.shards[k]):
+                return damage_line(self.path, self.shards[k], why)
+            self._verified.add(k)
+        return None
+
+    def mark_verified(self, shards: Iterable[int] | None = None) -> None:
+        """Trust these shards (default: all) without hashing them: other ranks checked them."""
+        self._verified.update(range(len(self.shards)) if shards is None else shards)
+
     # --- random access ---------------------------------------------------------------------------
     def _open(self, k: int):
         if k not in self._handles:
+            # Before the first read of a shard: a damaged one is refused, never trained on. The hash
+            # reads the whole file once; the memory map then mostly hits the page cache.
+            if self.verify and (problem := self.verify_shards([k])):
+                raise DataError(problem)
             handle = safe_open(self.path / self.shards[k]["file"], framework="pt")
             lens = handle.get_tensor("cap_lens").tolist()
             self._cap_starts[k] = np.concatenate([[0], np.cumsum(lens)]).tolist()

@@ -13,7 +13,9 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 import re
+import signal
 import time
 from pathlib import Path
 
@@ -22,7 +24,7 @@ from tqdm import tqdm
 
 from ladd import distributed
 from ladd.config import Config, ConfigError, to_dict, to_toml
-from ladd.data.shards import ShardDataset, teacher_fingerprint
+from ladd.data.shards import DataError, ShardDataset, teacher_fingerprint
 from ladd.distributed import print0
 from ladd.models.discriminator import Discriminator
 from ladd.models.loading import load_pipeline, resolve_pipeline
@@ -42,6 +44,7 @@ class Trainer:
     """Builds everything a run needs; `run()` is the loop."""
 
     def __init__(self, cfg: Config):
+        self.started = time.monotonic()  # train.max_minutes counts from here: loading is part of the job
         self.cfg = cfg
         self.dist = d = distributed.init(timeout_hours=cfg.train.collective_timeout_s / 3600)
         if not cfg.data.path:
@@ -62,6 +65,14 @@ class Trainer:
                                                  cfg.model.lora_alpha, cfg.model.gradient_checkpointing)
         self.data = ShardDataset(cfg.data.path, d.rank, d.world_size, cfg.data.seed,
                                  expect_fingerprint=teacher_fingerprint(self.pipeline_dir))
+        # Damaged teacher data is refused before the first step, by every rank together: each rank
+        # hashes a 1/world share of the shards (every rank reads every shard, so a lazy check would
+        # hash the whole data set on each), then they agree. Never trained on, never a hang.
+        problem = self.data.verify_shards(range(d.rank, len(self.data.shards), d.world_size))
+        if distributed.any_rank(problem is not None, d.device):
+            raise DataError(problem or f"{cfg.data.path}: another rank found a damaged teacher shard "
+                                       "(its line names the file); rerun `ladd precompute` with the same arguments")
+        self.data.mark_verified()
         text_dim = self._text_dim()
         torch.manual_seed(cfg.train.seed)  # identical disc init on every rank
         self.disc = Discriminator(
@@ -194,7 +205,7 @@ class Trainer:
         bar = tqdm(total=cfg.train.steps, initial=state.step, disable=not d.is_main, desc="train", unit="step")
         # The steps whose validation and checkpoint are done: a resumed (or rolled-back) step has both.
         last_saved = last_validated = state.step if resumed else -1
-        requests = StopRequests(cfg.train.max_minutes)
+        requests = StopRequests(cfg.train.max_minutes, self.started)
         try:
             stopped, summary = self._loop(validator, log, bar, requests, last_saved, last_validated)
         except RuntimeError as e:  # gloo raises RuntimeError, NCCL its subclass DistBackendError
@@ -272,6 +283,8 @@ class Trainer:
             if state.step % cfg.log.every == 0:
                 log.write(state.step, metrics)
             fault("step", state.step)
+            if injected("sigterm", state.step):  # fault tests: a preemption notice on this rank
+                os.kill(os.getpid(), signal.SIGTERM)
             bar.update(1)
             bar.set_postfix(d=f"{metrics['d_loss']:.3f}", g=f"{metrics['g_loss']:+.3f}",
                             gap=f"{metrics['logit_gap']:+.2f}")

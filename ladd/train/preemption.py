@@ -18,9 +18,11 @@ SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 class StopRequests:
     """Installs handlers for SIGNALS while it lives (`close()` restores the previous ones)."""
 
-    def __init__(self, max_minutes: float = 0.0):
+    def __init__(self, max_minutes: float = 0.0, started: float | None = None):
+        """`started`: the time.monotonic() the budget counts from (the process's start: loading counts)."""
         self.signal: str | None = None  # the name of the first signal received
-        self.deadline = time.monotonic() + max_minutes * 60 if max_minutes > 0 else None
+        start = time.monotonic() if started is None else started
+        self.deadline = start + max_minutes * 60 if max_minutes > 0 else None
         self._previous = {s: signal.signal(s, self._handle) for s in SIGNALS}
 
     def _handle(self, signum, frame) -> None:
