@@ -48,16 +48,20 @@ def _load(args):
 
 def cmd_train(args) -> int:
     """Exit 0 when the run finished or stopped to be resumed (preemption, train.max_minutes, a
-    collapse stop); 1 when it diverged (non-finite losses) or lost a rank."""
+    collapse stop); 1 when it diverged (non-finite losses), lost a rank or could not checkpoint."""
     import sys
 
-    from ladd.distributed import RankLost
+    from ladd.distributed import RankLost, print0
+    from ladd.train.checkpoint import CheckpointError
     from ladd.train.loop import train
 
     try:
         result = train(_load(args))
-    except RankLost as e:
+    except RankLost as e:  # raised by the survivors only: each says it (rank 0 may be the lost one)
         print(f"ladd train: error: {e}", file=sys.stderr, flush=True)
+        return 1
+    except CheckpointError as e:  # raised by every rank alike
+        print0(f"ladd train: error: {e}", file=sys.stderr)
         return 1
     return 1 if result["stopped"] == "stop_nonfinite" else 0
 

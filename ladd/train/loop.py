@@ -31,7 +31,7 @@ from ladd.models.loading import load_pipeline, resolve_pipeline
 from ladd.models.lora import TeacherView, add_lora
 from ladd.models.zimage import ZImageAdapter
 from ladd.sampling import seeded_noise
-from ladd.train.checkpoint import Checkpointer, TrainState, fault, injected
+from ladd.train.checkpoint import CheckpointError, Checkpointer, TrainState, fault, injected
 from ladd.train.health import Decision, Health
 from ladd.train.logging import MetricsLog
 from ladd.train.preemption import StopRequests
@@ -208,6 +208,8 @@ class Trainer:
         requests = StopRequests(cfg.train.max_minutes, self.started)
         try:
             stopped, summary = self._loop(validator, log, bar, requests, last_saved, last_validated)
+        except CheckpointError:
+            raise  # every rank raises it together: no rank is lost
         except RuntimeError as e:  # gloo raises RuntimeError, NCCL its subclass DistBackendError
             # Still inside the signal handlers: torchrun SIGTERMs the survivors of a dead worker, and
             # this rank must live the few seconds it takes to say which rank is gone.
