@@ -16,35 +16,20 @@ import torch
 
 from ladd.cli import main
 from ladd.config import load_config
-from ladd.data.precompute import PrecomputeConfig, run_precompute
-from ladd.models.tiny import build_tiny_pipeline
 from ladd.train.checkpoint import Checkpointer, load_weights
+from tests.worlds import make_train_world, train_overrides
 
-PROMPTS = ["a red circle", "a blue square", "a green triangle", "an orange circle",
-           "a red square on white", "a gray circle", "a blue circle on black", "a green square"]
 STEPS = 8
 TIMEOUT = 180  # seconds: no test here may hang
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    root = tmp_path_factory.mktemp("faults")
-    build_tiny_pipeline(seed=2).save_pretrained(root / "tiny")
-    (root / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
-    run_precompute(PrecomputeConfig(pipeline=str(root / "tiny"), prompts=str(root / "prompts.txt"),
-                                    out=str(root / "data"), steps=4, shard_size=3))
-    return root
+    return make_train_world(tmp_path_factory.mktemp("faults"))
 
 
 def overrides(root, out, steps=STEPS, **extra):
-    base = {
-        "model.pipeline": f'"{root / "tiny"}"', "data.path": f'"{root / "data"}"', "train.out": f'"{out}"',
-        "model.disc_layers": "[1, 3, 5]", "model.disc_hidden": "64", "model.disc_cond_dim": "64",
-        "train.steps": str(steps), "train.checkpoint_every": "2", "validation.every": "3",
-        "validation.num_prompts": "3", "optim.lr_g": "1e-3", "optim.lr_d": "1e-3", "health.collapse_window": "1000",
-    }
-    base.update(extra)
-    return [f"{k}={v}" for k, v in base.items()]
+    return train_overrides(root, out, steps, **extra)
 
 
 def command(args, nproc):
