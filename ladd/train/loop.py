@@ -309,9 +309,12 @@ class Trainer:
             f"rank{'s' if len(found[0]) > 1 else ''} {', '.join(map(str, found[0]))}"
         text = re.sub(r"^\[[^\]]*\]\s*", "", str(error).strip())  # gloo's "[.../pair.cc:537] " prefix
         first = text.splitlines()[0][:160] if text else type(error).__name__
+        # The folder listing, not latest(): verifying is a collective, and a peer is gone.
+        done = self.ckpt.finished()
+        last = f"the last complete checkpoint is {done[-1]}" if done else "no checkpoint was written yet"
         return distributed.RankLost(
             f"rank {self.dist.rank} lost contact with {lost} at step {self.state.step} (dead or hung; "
-            f"{first}); the last complete checkpoint is {self.ckpt.latest()}: rerun the same command to resume")
+            f"{first}); {last}: rerun the same command to resume")
 
     def act(self, decision: Decision, bar: tqdm) -> Decision | None:
         """Carry out a health decision (the same on every rank: it comes from rank-averaged metrics or
