@@ -93,6 +93,8 @@ class ModelConfig(Section):
     """the disc's text conditioning: "pooled" caption features, or "clip" (needs clip in the data)"""
     gradient_checkpointing: bool = False
     """recompute the transformer's activations in the backward pass: less memory, more compute"""
+    compile: bool = False
+    """torch.compile each transformer block (regional; the adapter stays eager): see docs/performance.md"""
     student: Student = "full"
     """"full": a trainable copy of the teacher; "lora": teacher weights + adapters (one copy in memory)"""
     lora_rank: int = 64

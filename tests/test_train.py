@@ -465,3 +465,14 @@ def test_rollback_without_a_checkpoint_stops_and_says_so(world, monkeypatch, cap
         "health.on_collapse": '"rollback"', "train.checkpoint_every": "4"})))
     assert result["stopped"] == "stop_collapse" and result["step"] == 3 and steps == [0, 1, 2]
     assert "no checkpoint to roll back to yet (the first is due at step 4); stopping instead" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_8bit_adamw_on_fsdp2_is_refused_in_one_line(world):
+    """bitsandbytes' AdamW8bit cannot step FSDP2's DTensor parameters (bitsandbytes#1633; measured
+    on CPU gloo: "got mixed torch.Tensor and DTensor"): with more than one rank it is refused before
+    anything loads, one line, exit 2."""
+    proc = run_cli(overrides(world, world / "bnb", **{"optim.optimizer": '"adamw8bit"'}), nproc=2, check=False)
+    lines = [l for l in proc.stderr.splitlines() if l.startswith("ladd train: error:")]
+    assert proc.returncode != 0 and lines and "cannot update FSDP2's sharded parameters (2 ranks)" in lines[0]
+    assert not (world / "bnb" / "checkpoints").exists()

@@ -63,6 +63,7 @@ class PrecomputeConfig:
     decode_first: int = 0
     clip: str | None = None  # a CLIPTextModelWithProjection + CLIPTokenizer folder
     shard_size: int = 1000
+    compile: bool = False  # compiled transformer blocks: same latents within float tolerance, not bitwise
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "shard_size"):
@@ -267,7 +268,7 @@ class Teacher:
         compute = torch.bfloat16 if cfg.dtype == "bf16" and device.type == "cuda" else torch.float32
         self.pipe = load_pipeline(cfg.pipeline, device, compute)  # the pipeline's own modules, frozen
         self.cfg, self.resolution, self.device = cfg, resolution, device
-        self.adapter = ZImageAdapter(self.pipe.transformer)
+        self.adapter = ZImageAdapter(self.pipe.transformer, compile=cfg.compile)
         side = 2 * (resolution // (self.pipe.vae_scale_factor * 2))
         self.sigmas = teacher_sigmas(self.pipe.scheduler, cfg.steps, image_seq_len(side, side), device=device)
         # The negative prompt is the same for every sample: encoded once here, not twice per batch.
@@ -533,6 +534,8 @@ def add_parser(sub) -> None:
     p.add_argument("--decode-first", type=int, default=0, metavar="K", help="also write the first K images as PNG")
     p.add_argument("--clip", default=None, metavar="DIR", help="CLIPTextModelWithProjection folder: store text_embeds")
     p.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the transformer blocks (GPU speed; latents equal within float tolerance)")
     p.set_defaults(func=cmd_precompute)
 
     data = sub.add_parser("data", help="check a precomputed dataset")
@@ -548,7 +551,7 @@ def cmd_precompute(args: argparse.Namespace) -> int:
             pipeline=args.pipeline, prompts=args.prompts, out=args.out, resolution=args.resolution,
             steps=args.steps, guidance=args.guidance, negative_prompt=args.negative_prompt, seed=args.seed,
             batch_size=args.batch_size, dtype=args.dtype, decode_first=args.decode_first, clip=args.clip,
-            shard_size=args.shard_size,
+            shard_size=args.shard_size, compile=args.compile,
         )
         run_precompute(cfg)
     except _Refused:

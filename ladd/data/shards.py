@@ -67,26 +67,66 @@ def teacher_fingerprint(pipeline_dir: str | Path) -> str:
     """sha256 over the transformer's config.json and weight files (names and bytes, sorted by name).
 
     Only the transformer: the latents are a function of the teacher's weights (and of the text encoder,
-    which LADD never trains). Streams the files (the 6B model is ~12 GB in bf16: seconds, not minutes).
+    which LADD never trains). Hashing the 6B model's ~12 GB takes about a minute, so the result is
+    cached (see `fingerprint_folder`): `ladd eval` once per seed re-hashes nothing.
     """
     return fingerprint_folder(Path(pipeline_dir) / "transformer")
 
 
+FINGERPRINT_CACHE = ".ladd-fingerprint.json"  # beside the weights; else in the user cache dir
+
+
 def fingerprint_folder(folder: str | Path) -> str:
-    """sha256 over a model folder's config.json and weight files, each preceded by its name."""
+    """sha256 over a model folder's config.json and weight files, each preceded by its name.
+
+    Cached by each file's (name, size, mtime_ns): any file changed, added or removed is hashed again.
+    The cache is `FOLDER/.ladd-fingerprint.json`, or `~/.cache/ladd/fingerprints/` when the folder is
+    read-only; a damaged or foreign cache file only means hashing again.
+    """
     folder = Path(folder)
     config = folder / "config.json"
     weights = sorted(p for p in folder.iterdir() if p.name.endswith((".safetensors", ".bin", ".index.json"))) \
         if folder.is_dir() else []
     if not config.is_file() or not weights:
         raise DataError(f"{folder}: no config.json and weight files to fingerprint")
+    paths = [config, *weights]
+    stats = [[p.name, st.st_size, st.st_mtime_ns] for p in paths for st in [p.stat()]]  # follows HF symlinks
+    caches = [folder / FINGERPRINT_CACHE, _user_fingerprint_cache(folder)]
+    for cache in caches:
+        try:
+            entry = json.loads(cache.read_text())
+            if entry["folder"] == str(folder.resolve()) and entry["files"] == stats:
+                return entry["fingerprint"]
+        except (OSError, ValueError, KeyError, TypeError):
+            pass  # none yet, unreadable or damaged: hash
+    fingerprint = _hash_files(paths)
+    entry = json.dumps({"folder": str(folder.resolve()), "files": stats, "fingerprint": fingerprint}, indent=1)
+    for cache in caches:
+        try:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            files.write_text(cache, entry + "\n")  # atomic: ranks and parallel evals may race here
+            break
+        except OSError:
+            continue  # read-only model folder: the user cache dir; neither: no cache, still correct
+    return fingerprint
+
+
+def _hash_files(paths: list[Path]) -> str:
     h = hashlib.sha256()
-    for path in [config, *weights]:
+    for path in paths:
         h.update(f"{path.name}\n".encode())
         with open(path, "rb") as f:
             while chunk := f.read(_CHUNK):
                 h.update(chunk)
     return "sha256:" + h.hexdigest()
+
+
+def _user_fingerprint_cache(folder: Path) -> Path:
+    import os
+
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    key = hashlib.sha256(str(folder.resolve()).encode()).hexdigest()[:16]
+    return base / "ladd" / "fingerprints" / f"{key}.json"
 
 
 # --------------------------------------------------------------------------------------------------

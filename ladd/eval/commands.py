@@ -49,6 +49,7 @@ class EvalConfig:
     dtype: str = "auto"
     pipeline: str | None = None  # the teacher pipeline; default: the run's, else the data's
     out: str | None = None
+    compile: bool = False  # compiled transformer blocks (same images within float tolerance)
 
     def __post_init__(self):
         self.seeds = tuple(int(s) for s in self.seeds)
@@ -175,7 +176,7 @@ def evaluate(cfg: EvalConfig) -> dict:
     model = None
     if cfg.source:
         model = samplers.load_sampler("exported" if cfg.source == "exported" else "run", cfg.path, ema=cfg.ema,
-                                    steps=cfg.steps, device=device, dtype=cfg.dtype, pipe=pipe)
+                                    steps=cfg.steps, device=device, dtype=cfg.dtype, pipe=pipe, compile=cfg.compile)
         if cfg.source == "exported" and model.info.get("teacher_fingerprint", fingerprint) != fingerprint:
             raise ValueError(f"{cfg.path} was distilled from another teacher than the one of {cfg.data}")
         if cfg.source != "exported":
@@ -188,7 +189,7 @@ def evaluate(cfg: EvalConfig) -> dict:
     common = [fingerprint, images_hash(refs.images), extractor.name, cfg.subsets, cfg.subset_size,
               list(cfg.seeds), cfg.fid, str(samplers.dtype_for(cfg.dtype, device)),
               _world_text(teacher_dir / WORLD_FILE)]
-    untrained = samplers.untrained_sampler(pipe, cfg.steps, timesteps)
+    untrained = samplers.untrained_sampler(pipe, cfg.steps, timesteps, compile=cfg.compile)
     cache = cache_dir(cfg.data)
     base = _cached_row(cache / f"untrained-{_key('untrained', *common, untrained.info['timesteps'])}.json",
                        lambda: score(untrained, refs, real, extractor, cfg, captions=captions))
@@ -197,7 +198,8 @@ def evaluate(cfg: EvalConfig) -> dict:
         rows.insert(0, score(model, refs, real, extractor, cfg, captions=captions))
     if cfg.teacher:
         s = manifest["sampling"]
-        teacher = samplers.teacher_sampler(pipe, s["steps"], s["guidance"], refs.resolution, s["negative_prompt"])
+        teacher = samplers.teacher_sampler(pipe, s["steps"], s["guidance"], refs.resolution, s["negative_prompt"],
+                                           compile=cfg.compile)
         # Fresh noise (offset 1): at the references' own seeds the teacher would reproduce them, KID 0.
         rows.append(_cached_row(cache / f"teacher-{_key('teacher', *common, s['steps'], s['guidance'])}.json",
                                 lambda: score(teacher, refs, real, extractor, cfg, seed_offset=1, captions=captions)))
@@ -243,7 +245,7 @@ def format_table(result: dict) -> str:
 
 def generate(source: str, path: str, prompts: list[str], seeds: list[int], out: str | Path, *, ema: bool = False,
              steps: int = 4, guidance: float = 0.0, resolution: int | None = None, grid: bool = False,
-             device=None, dtype: str = "auto", batch_size: int = 8):
+             device=None, dtype: str = "auto", batch_size: int = 8, compile: bool = False):
     """Few-step images (PNG) and their latents (latents.safetensors) for prompts and seeds."""
     import torch
     from safetensors.torch import save_file
@@ -256,7 +258,7 @@ def generate(source: str, path: str, prompts: list[str], seeds: list[int], out: 
         seeds = [seeds[0] + i for i in range(len(prompts))]  # as precompute: prompt i gets seed + i
     if len(seeds) != len(prompts):
         raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts: give one seed, or one per prompt")
-    s = samplers.load_sampler(source, path, ema=ema, steps=steps, device=device, dtype=dtype)
+    s = samplers.load_sampler(source, path, ema=ema, steps=steps, device=device, dtype=dtype, compile=compile)
     s.guidance = guidance
     from ladd.models.loading import resolve_pipeline
 
@@ -319,6 +321,8 @@ def add_parser(sub) -> None:
                    help="auto: bf16 on GPU, else fp32")
     p.add_argument("--device", default=d["device"], help="default: cuda if available, else cpu")
     p.add_argument("--out", default=d["out"], help="write the results as JSON here")
+    p.add_argument("--compile", action="store_true", default=d["compile"],
+                   help="torch.compile the transformer blocks (faster sampling on GPU after a compile)")
     p.set_defaults(func=cmd_eval)
 
     g = sub.add_parser("generate", help="few-step images from a run or an exported student")
@@ -338,6 +342,7 @@ def add_parser(sub) -> None:
     g.add_argument("--dtype", choices=("auto", "fp32", "bf16"), default="auto", help="auto: bf16 on GPU, else fp32")
     g.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     g.add_argument("--out", required=True)
+    g.add_argument("--compile", action="store_true", help="torch.compile the transformer blocks")
     g.set_defaults(func=cmd_generate)
 
     e = sub.add_parser("export", help="a diffusers ZImagePipeline folder with the student")
@@ -355,7 +360,7 @@ def cmd_eval(args) -> int:
     cfg = EvalConfig(data=args.data, source=source, path=path, ema=args.ema, steps=args.steps, teacher=args.teacher,
                      features=args.features, subsets=args.subsets, subset_size=args.subset_size,
                      seeds=tuple(args.seeds), fid=args.fid, limit=args.limit, batch_size=args.batch_size,
-                     dtype=args.dtype, device=args.device, pipeline=args.pipeline, out=args.out)
+                     dtype=args.dtype, device=args.device, pipeline=args.pipeline, out=args.out, compile=args.compile)
     evaluate(cfg)
     return 0
 
@@ -370,7 +375,7 @@ def cmd_generate(args) -> int:
     if not prompts:
         raise ValueError("no prompts: give --prompt TEXT (repeatable) or --prompts FILE")
     generate(source, path, prompts, args.seeds, args.out, ema=args.ema, steps=args.steps, guidance=args.guidance,
-             resolution=args.resolution, grid=args.grid, dtype=args.dtype, device=args.device)
+             resolution=args.resolution, grid=args.grid, dtype=args.dtype, device=args.device, compile=args.compile)
     return 0
 
 

@@ -100,19 +100,21 @@ class Sampler:
 # the teacher's own weights: the untrained baseline and the teacher at its steps
 
 
-def untrained_sampler(pipe, steps: int = 4, timesteps: list[float] | None = None) -> Sampler:
-    """The teacher's weights sampled like the student (its N steps, guidance 0): the step-0 student."""
+def untrained_sampler(pipe, steps: int = 4, timesteps: list[float] | None = None, compile: bool = False) -> Sampler:
+    """The teacher's weights sampled like the student (its N steps, guidance 0): the step-0 student.
+    `compile`: compiled transformer blocks (ladd/models/compile.py), here and in every sampler below."""
     ts = few_step_timesteps(steps, timesteps)
-    return Sampler(f"untrained ({steps} steps)", "untrained", pipe, ZImageAdapter(pipe.transformer),
+    return Sampler(f"untrained ({steps} steps)", "untrained", pipe, ZImageAdapter(pipe.transformer, compile=compile),
                    student_sigmas(ts), info={"timesteps": ts})
 
 
-def teacher_sampler(pipe, steps: int, guidance: float, resolution: int, negative_prompt: str = "") -> Sampler:
+def teacher_sampler(pipe, steps: int, guidance: float, resolution: int, negative_prompt: str = "",
+                    compile: bool = False) -> Sampler:
     """The teacher at its own steps with CFG, on the pipeline's own (shifted) schedule."""
     side = 2 * (resolution // (pipe.vae_scale_factor * 2))
     sigmas = teacher_sigmas(pipe.scheduler, steps, image_seq_len(side, side))
-    return Sampler(f"teacher ({steps} steps, cfg {guidance:g})", "teacher", pipe, ZImageAdapter(pipe.transformer),
-                   sigmas, guidance, negative_prompt)
+    return Sampler(f"teacher ({steps} steps, cfg {guidance:g})", "teacher", pipe,
+                   ZImageAdapter(pipe.transformer, compile=compile), sigmas, guidance, negative_prompt)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -162,7 +164,8 @@ def student_transformer(teacher_transformer, weights: dict[str, Tensor], partial
     return model.requires_grad_(False).eval()
 
 
-def run_sampler(pipe, run_or_checkpoint: str | Path, ema: bool = False, steps: int = 4) -> Sampler:
+def run_sampler(pipe, run_or_checkpoint: str | Path, ema: bool = False, steps: int = 4,
+                compile: bool = False) -> Sampler:
     """The student of a run (latest checkpoint) or of one checkpoint, on the teacher pipeline `pipe`."""
     ckpt = find_checkpoint(run_or_checkpoint)
     weights, config = student_weights(ckpt, ema)
@@ -170,7 +173,7 @@ def run_sampler(pipe, run_or_checkpoint: str | Path, ema: bool = False, steps: i
     step = json.loads((ckpt / "meta.json").read_text())["step"]
     transformer = student_transformer(pipe.transformer, weights, partial=ema, config=config)
     label = f"{Path(run_or_checkpoint).name} step {step}{' ema' if ema else ''} ({steps} steps)"
-    return Sampler(label, "student", pipe, ZImageAdapter(transformer), student_sigmas(ts),
+    return Sampler(label, "student", pipe, ZImageAdapter(transformer, compile=compile), student_sigmas(ts),
                    info={"checkpoint": str(ckpt), "step": step, "ema": ema, "timesteps": ts})
 
 
@@ -179,7 +182,8 @@ def run_teacher_dir(run_or_checkpoint: str | Path) -> Path:
     return resolve_pipeline(read_config(find_checkpoint(run_or_checkpoint))["model"]["pipeline"])
 
 
-def exported_sampler(folder: str | Path, steps: int = 4, device=None, dtype: str = "auto") -> Sampler:
+def exported_sampler(folder: str | Path, steps: int = 4, device=None, dtype: str = "auto",
+                     compile: bool = False) -> Sampler:
     """A `ladd export` folder (any ZImagePipeline folder works; its own scheduler is not used)."""
     device = torch.device(device) if device else default_device()
     pipe = load_pipeline(folder, device, dtype_for(dtype, device))
@@ -187,20 +191,21 @@ def exported_sampler(folder: str | Path, steps: int = 4, device=None, dtype: str
     info = json.loads(info_file.read_text()) if info_file.is_file() else {}
     ts = few_step_timesteps(steps, info.get("timesteps"))
     return Sampler(f"{Path(folder).name} (exported, {steps} steps)", "exported", pipe,
-                   ZImageAdapter(pipe.transformer), student_sigmas(ts), info={**info, "timesteps": ts})
+                   ZImageAdapter(pipe.transformer, compile=compile), student_sigmas(ts),
+                   info={**info, "timesteps": ts})
 
 
 def load_sampler(source: str, path: str | Path | None, *, ema: bool = False, steps: int = 4, device=None,
-                 dtype: str = "auto", pipe=None) -> Sampler:
+                 dtype: str = "auto", pipe=None, compile: bool = False) -> Sampler:
     """source: "run" / "checkpoint" (path = run or checkpoint folder), "exported" (path = folder),
     "untrained" (path = teacher pipeline; or `pipe`). The teacher pipeline is loaded unless given."""
     device = torch.device(device) if device else default_device()
     if source == "exported":
-        return exported_sampler(path, steps, device, dtype)
+        return exported_sampler(path, steps, device, dtype, compile)
     if source in ("run", "checkpoint"):
         pipe = pipe or load_pipeline(run_teacher_dir(path), device, dtype_for(dtype, device))
-        return run_sampler(pipe, path, ema, steps)
+        return run_sampler(pipe, path, ema, steps, compile)
     if source == "untrained":
         pipe = pipe or load_pipeline(path, device, dtype_for(dtype, device))
-        return untrained_sampler(pipe, steps)
+        return untrained_sampler(pipe, steps, compile=compile)
     raise ValueError(f"unknown model source {source!r}: run, checkpoint, exported or untrained")

@@ -21,6 +21,9 @@ deepest tapped block.
     out = adapter(x_sigma, sigma, cap_feats, taps=(5, 10))
     out.velocity   # (B, C, H, W) float32, ε − x0
     out.feats[5]   # (B, D, H/2, W/2)
+
+`ZImageAdapter(transformer, compile=True)` compiles the transformer's blocks (ladd/models/compile.py);
+everything in this file still runs eagerly around them.
 """
 
 from __future__ import annotations
@@ -32,6 +35,8 @@ import torch
 from diffusers import ZImageTransformer2DModel
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
+
+from ladd.models.compile import compile_blocks, is_compiled, mark_dynamic
 
 
 @dataclass
@@ -47,12 +52,15 @@ class ZImageAdapter(nn.Module):
     blocks and then this module as the root unit (our forward calls the blocks directly).
     """
 
-    def __init__(self, transformer: ZImageTransformer2DModel, patch_size: int = 2, f_patch_size: int = 1):
+    def __init__(self, transformer: ZImageTransformer2DModel, patch_size: int = 2, f_patch_size: int = 1,
+                 compile: bool = False):
         super().__init__()
         self.transformer = transformer
         self.patch_size = patch_size
         self.f_patch_size = f_patch_size
         self.gradient_checkpointing = False
+        if compile:
+            compile_blocks(transformer)
 
     @property
     def num_layers(self) -> int:
@@ -127,6 +135,10 @@ class ZImageAdapter(nn.Module):
             noise_mask=None,
             device=device,
         )
+        # Compiled blocks: batch and caption-dependent lengths vary, so one graph must serve them all.
+        dynamic = is_compiled(tr)
+        if dynamic:
+            mark_dynamic([h, img_freqs, img_mask, adaln], 0)
         for block in tr.noise_refiner:
             h = self._block(block, h, img_mask, img_freqs, adaln)
 
@@ -140,6 +152,8 @@ class ZImageAdapter(nn.Module):
             noise_mask=None,
             device=device,
         )
+        if dynamic:
+            mark_dynamic([c, cap_freqs, cap_mask], (0, 1))
         for block in tr.context_refiner:
             c = self._block(block, c, cap_mask, cap_freqs)
 
@@ -161,6 +175,8 @@ class ZImageAdapter(nn.Module):
             omni_mode=False,
             device=device,
         )
+        if dynamic:
+            mark_dynamic([u, u_freqs, u_mask], (0, 1))
 
         grid_h, grid_w = H // self.patch_size, W // self.patch_size
         feats: dict[int, Tensor] = {}

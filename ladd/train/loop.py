@@ -47,6 +47,10 @@ class Trainer:
         self.started = time.monotonic()  # train.max_minutes counts from here: loading is part of the job
         self.cfg = cfg
         self.dist = d = distributed.init(timeout_hours=cfg.train.collective_timeout_s / 3600)
+        if cfg.optim.optimizer == "adamw8bit" and d.enabled:
+            raise ConfigError(f"optim.optimizer = 'adamw8bit' cannot update FSDP2's sharded parameters ({d.world_size} "
+                              "ranks): bitsandbytes has no DTensor support (bitsandbytes#1633); use optim.optimizer "
+                              "= 'adamw', or one rank")
         if not cfg.data.path:
             raise ConfigError("data.path is empty: point it at a `ladd precompute` output folder")
         self.out = Path(cfg.train.out)
@@ -62,7 +66,8 @@ class Trainer:
         pipe.vae.to(d.device)
         self.pipe = pipe
         self.student, self.teacher = build_roles(pipe.transformer, cfg.model.student, cfg.model.lora_rank,
-                                                 cfg.model.lora_alpha, cfg.model.gradient_checkpointing)
+                                                 cfg.model.lora_alpha, cfg.model.gradient_checkpointing,
+                                                 cfg.model.compile)
         self.data = ShardDataset(cfg.data.path, d.rank, d.world_size, cfg.data.seed,
                                  expect_fingerprint=teacher_fingerprint(self.pipeline_dir))
         # Damaged teacher data is refused before the first step, by every rank together: each rank
@@ -353,24 +358,25 @@ class Trainer:
 
 
 def build_roles(transformer, student: str, lora_rank: int, lora_alpha: float,
-                checkpointing: bool) -> tuple[ZImageAdapter, ZImageAdapter]:
+                checkpointing: bool, compile: bool = False) -> tuple[ZImageAdapter, ZImageAdapter]:
     """(student, teacher) adapters over the loaded teacher transformer.
 
     The teacher only runs forwards: it stays in the load dtype (bf16 on GPU); a full student is an
     fp32 copy (master weights). A LoRA student is the same module with adapters on, the teacher the
     one with them off: one copy of the weights, base in bf16, adapters fp32 (trainable). Checkpointing
     applies to both roles: the teacher's fake pass keeps a graph (for the input gradient) through every
-    block up to the deepest tap, as large as the student's.
+    block up to the deepest tap, as large as the student's. `compile` (model.compile) compiles each
+    role's blocks after the copy and the adapters exist, before FSDP wraps them.
     """
     if student == "lora":
         add_lora(transformer, lora_rank, lora_alpha)
         for p in transformer.parameters():
             if p.requires_grad:
                 p.data = p.data.float()
-        s, t = ZImageAdapter(transformer).train(), TeacherView(transformer)
+        s, t = ZImageAdapter(transformer, compile=compile).train(), TeacherView(transformer)
     else:
-        s = ZImageAdapter(copy.deepcopy(transformer).float().requires_grad_(True)).train()
-        t = ZImageAdapter(transformer)
+        s = ZImageAdapter(copy.deepcopy(transformer).float().requires_grad_(True), compile=compile).train()
+        t = ZImageAdapter(transformer, compile=compile)
     s.gradient_checkpointing = t.gradient_checkpointing = checkpointing
     return s, t
 
