@@ -93,6 +93,13 @@ class ZImageAdapter(nn.Module):
         """One block call; also what checkpointing recomputes in backward (a subclass's hook point)."""
         return block(*args)
 
+    def _sequence(self, embedded: Tensor, lens: list[int], pos_ids, pad_mask, pad_token, device):
+        """diffusers' padding of per-sample token runs into one batch: (tokens, rope freqs, mask)."""
+        tokens, freqs, mask, _, _ = self.transformer._prepare_sequence(
+            feats=list(embedded.split(lens, dim=0)), pos_ids=pos_ids, inner_pad_mask=pad_mask,
+            pad_token=pad_token, noise_mask=None, device=device)
+        return tokens, freqs, mask
+
     def forward(
         self,
         x: Tensor,
@@ -126,15 +133,8 @@ class ZImageAdapter(nn.Module):
         )
 
         img_lens = [len(t) for t in img]
-        h = tr.all_x_embedder[key](torch.cat(img, dim=0))
-        h, img_freqs, img_mask, _, _ = tr._prepare_sequence(
-            feats=list(h.split(img_lens, dim=0)),
-            pos_ids=img_pos,
-            inner_pad_mask=img_pad,
-            pad_token=tr.x_pad_token,
-            noise_mask=None,
-            device=device,
-        )
+        h, img_freqs, img_mask = self._sequence(tr.all_x_embedder[key](torch.cat(img, dim=0)), img_lens,
+                                                img_pos, img_pad, tr.x_pad_token, device)
         # Compiled blocks: batch and caption-dependent lengths vary, so one graph must serve them all.
         dynamic = is_compiled(tr)
         if dynamic:
@@ -143,15 +143,8 @@ class ZImageAdapter(nn.Module):
             h = self._block(block, h, img_mask, img_freqs, adaln)
 
         cap_lens = [len(t) for t in caps]
-        c = tr.cap_embedder(torch.cat(caps, dim=0))
-        c, cap_freqs, cap_mask, _, _ = tr._prepare_sequence(
-            feats=list(c.split(cap_lens, dim=0)),
-            pos_ids=cap_pos,
-            inner_pad_mask=cap_pad,
-            pad_token=tr.cap_pad_token,
-            noise_mask=None,
-            device=device,
-        )
+        c, cap_freqs, cap_mask = self._sequence(tr.cap_embedder(torch.cat(caps, dim=0)), cap_lens,
+                                                cap_pos, cap_pad, tr.cap_pad_token, device)
         if dynamic:
             mark_dynamic([c, cap_freqs, cap_mask], (0, 1))
         for block in tr.context_refiner:

@@ -36,9 +36,7 @@ def micro_batch_check(cfg: Config, data) -> Check:
     micro-batch repeats samples inside one batch, which for the hinge is a smaller batch than asked
     (a batch of one saturates it to zero gradient)."""
     per_rank, batch = data.samples_per_rank, cfg.data.batch_per_rank
-    distinct = min(per_rank, batch)
-    ok = per_rank >= batch and (cfg.method.loss != "hinge" or distinct >= 2 or cfg.method.allow_hinge_batch_of_one)
-    return ("each micro-batch holds distinct samples", ok,
+    return ("each micro-batch holds distinct samples", per_rank >= batch,
             f"{per_rank} samples per rank for micro-batches of {batch} ({cfg.method.loss} loss)")
 
 
