@@ -28,6 +28,15 @@ def cmd_toy_build(args: argparse.Namespace) -> int:
     cfg = quick_config(seed=args.seed) if args.quick else ToyBuildConfig(seed=args.seed)
     if args.steps is not None:
         cfg = replace(cfg, steps=args.steps)
+    if args.buckets is not None:
+        from ladd.data.buckets import BucketError, parse_buckets
+
+        try:
+            buckets = parse_buckets(args.buckets, factor=cfg.latent_factor())
+        except BucketError as e:
+            print(f"ladd toy build: {e}", file=sys.stderr)
+            return 2
+        cfg = replace(cfg, buckets=tuple(b.size for b in buckets))
     build_toy(args.out, cfg)
     return 0
 
@@ -83,6 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--seed", type=int, default=0)
     build.add_argument("--steps", type=int, default=None, help="teacher training steps (default: the build config's)")
     build.add_argument("--quick", action="store_true", help="a one-minute smoke build (not a usable teacher)")
+    build.add_argument("--buckets", default=None,
+                       help="image sizes to train at: 'toy' (64x64, 80x48, 48x80) or WxH,WxH (multiples of 8; "
+                            "the images are split evenly, weights ignored); default 64x64")
     build.set_defaults(func=cmd_toy_build)
 
     prompts = toy_sub.add_parser("prompts", help="write toy-world prompts, one per line")

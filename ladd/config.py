@@ -233,6 +233,8 @@ class DataConfig(Section):
 
     path: str = ""
     """a `ladd precompute` output folder"""
+    buckets: str = ""
+    """the sizes the data must hold: a named set (zimage-1024, zimage-512, toy) or WxH,...; "" = the data's own"""
     batch_per_rank: int = 2
     """micro-batch per rank per forward (hinge needs >= 2)"""
     grad_accum: int = 1

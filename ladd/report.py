@@ -32,18 +32,18 @@ def guards_line(r: dict) -> str:
 
 def grid_png(eval_dir: Path, run: Path, ema: bool = False, n: int = 8) -> str:
     """teacher 50 steps | untrained 4 steps | LADD 4 steps on the first `n` prompts of the eval set (its
-    references' own seeds), as base64 PNG."""
+    references' own seeds; with several buckets those of the first bucket), as base64 PNG."""
     from ladd.eval.kid import load_references
     from ladd.eval.samplers import load_sampler, untrained_sampler
     from ladd.images import png_bytes, tile
 
     refs = load_references(eval_dir, limit=n)
-    res = refs.images.shape[1]
+    g = refs.groups[0]  # the first bucket's prompts (all of them with one bucket): one size tiles
+    prompts, seeds = [refs.prompts[i] for i in g.indices], [refs.seeds[i] for i in g.indices]
     student = load_sampler("run", run, ema=ema, steps=4, device="cpu", dtype="fp32")
     # The untrained row visits the student's own timesteps, as the table's baseline does.
     untrained = untrained_sampler(student.pipe, 4, student.info["timesteps"])
-    rows = [refs.images] + [s.images(s.latents(list(refs.prompts), list(refs.seeds), res))
-                            for s in (untrained, student)]
+    rows = [g.images] + [s.images(s.latents(prompts, seeds, g.bucket.size)) for s in (untrained, student)]
     grid = tile(np.concatenate(rows), cols=len(rows[0]), upscale=2)
     return base64.b64encode(png_bytes(grid)).decode()
 

@@ -18,14 +18,16 @@ from ladd.models.zimage import ZImageAdapter
 
 
 def initial_noise(
-    pipe: ZImagePipeline, seeds: Sequence[int], resolution: int, channels: int | None = None
+    pipe: ZImagePipeline, seeds: Sequence[int], size: int | tuple[int, int], channels: int | None = None
 ) -> Tensor:
-    """The latents ZImagePipeline draws for each prompt alone with Generator("cpu").manual_seed(seed)."""
+    """The latents ZImagePipeline draws for each prompt alone with Generator("cpu").manual_seed(seed),
+    at `size` = (width, height) in pixels, or one side of a square."""
+    width, height = (size, size) if isinstance(size, int) else size
     factor = pipe.vae_scale_factor * 2
-    if resolution % factor:
-        raise ValueError(f"resolution {resolution} must be a multiple of {factor} (VAE factor × patch 2)")
-    size = 2 * (resolution // factor)
-    return seeded_noise(seeds, (channels or pipe.transformer.config.in_channels, size, size))
+    if width % factor or height % factor:
+        raise ValueError(f"size {width}x{height} must be a multiple of {factor} (VAE factor × patch 2)")
+    shape = (channels or pipe.transformer.config.in_channels, 2 * (height // factor), 2 * (width // factor))
+    return seeded_noise(seeds, shape)
 
 
 def seeded_noise(seeds: Sequence[int], shape: Sequence[int]) -> Tensor:

@@ -21,4 +21,23 @@ def tiny_pipe():
     return pipe
 
 
+@pytest.fixture(scope="session")
+def tiny_dir(tiny_pipe, tmp_path_factory):
+    """`tiny_pipe` saved as a pipeline folder (safetensors), for commands that take a path."""
+    path = tmp_path_factory.mktemp("tiny")
+    tiny_pipe.save_pretrained(path, safe_serialization=True)
+    return path
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module (`pytestmark = pytest.mark.usefixtures("one_thread")`): on the
+    shared 2-core machine tiny ops are all synchronisation with two (a tiny forward 0.04 s with one
+    thread, 3 s with two when the other core is busy); results never depend on it."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 PROMPTS = ["a red circle on a white background", "a blue striped square and an orange triangle"]

@@ -23,15 +23,7 @@ from ladd.models.zimage import ZImageAdapter
 from ladd.train.loop import build_roles
 from ladd.train.step import Batch, LaddModels, ladd_step, trainable
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: these tiny ops are all synchronisation otherwise (measured on the shared
-    2-core CI machine: a tiny forward 0.04 s with one thread, 3 s with two when the other core is busy)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _caps(lengths, seed=0):

@@ -132,8 +132,9 @@ def test_eval_kid_equals_torchmetrics_on_generated_images(world, tmp_path):
     refs = load_references(world / "eval")
     s = samplers.run_sampler(pipe, world / "run", ema=True)
     seeds = [r + 1_000_000 for r in refs.seeds]
-    fake = s.images(s.latents(refs.prompts, seeds, refs.resolution))
-    mean, _ = torchmetrics_kid(build_extractor("random-conv"), refs.images, fake, 4, 4, seed=1)
+    (group,) = refs.groups  # one bucket
+    fake = s.images(s.latents(refs.prompts, seeds, group.bucket.size))
+    mean, _ = torchmetrics_kid(build_extractor("random-conv"), group.images, fake, 4, 4, seed=1)
     assert student["kid"]["per_seed"][1] == pytest.approx(mean, rel=1e-9, abs=1e-12)
     assert result["rows"][0]["kid"]["mean"] == student["kid"]["mean"]
 

@@ -21,27 +21,12 @@ from ladd.data.prompts import PromptFileError, read_prompts
 from ladd.models.text import encode_prompts
 from ladd.sampling import decode
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 LONG = "a very long prompt " * 40  # ~760 byte-level tokens: truncated to 512, as the pipeline does
 # Not sorted by length, so that batching inside a shard really reorders (shard 0 runs as 2, 0, 1).
 PROMPTS = ["a blue striped square and an orange triangle on a gray field", LONG, "a red circle", "two dogs"]
 SEVEN = [f"prompt number {i} " + "word " * (i * 3 % 7) for i in range(7)]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: on a shared 2-core machine two threads that wait for each other are far
-    slower than one (results do not depend on it: shards are byte-identical across thread counts)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tiny_pipe, tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny")
-    tiny_pipe.save_pretrained(path, safe_serialization=True)
-    return path
 
 
 def _write(path: Path, lines: list[str]) -> Path:
@@ -114,18 +99,22 @@ def test_format(seven):
     assert m["format"] == fmt.FORMAT and m["format_version"] == fmt.FORMAT_VERSION and m["complete"]
     assert m["num_samples"] == 7 and m["prompts"]["skipped_empty"] == 1
     assert m["teacher"]["fingerprint"] == fmt.teacher_fingerprint(m["teacher"]["pipeline"])
-    assert m["sampling"] | {"seed_rule": None} == {"resolution": 32, "steps": 4, "guidance": 5.0, "negative_prompt": "",
-                                                   "seed": 0, "seed_rule": None, "max_sequence_length": 512}
-    assert [(s["file"], s["first"], s["count"]) for s in m["shards"]] == [
-        ("shard-00000.safetensors", 0, 3), ("shard-00001.safetensors", 3, 3), ("shard-00002.safetensors", 6, 1)]
+    assert m["sampling"] | {"seed_rule": None, "bucket_rule": None} == {
+        "steps": 4, "guidance": 5.0, "negative_prompt": "", "seed": 0, "seed_rule": None, "bucket_rule": None,
+        "max_sequence_length": 512}
+    assert m["buckets"] == [{"name": "32x32", "width": 32, "height": 32, "weight": 1.0, "latent_shape": [16, 16, 16],
+                             "count": 7}]  # --resolution (here the VAE's sample_size) is one square bucket
+    assert [(s["file"], s["bucket"], s["count"]) for s in m["shards"]] == [
+        ("shard-00000.safetensors", "32x32", 3), ("shard-00001.safetensors", "32x32", 3),
+        ("shard-00002.safetensors", "32x32", 1)]
     lines = (out / fmt.PROMPTS).read_text().splitlines()
-    assert [json.loads(line)["prompt"] for line in lines] == SEVEN
-    for s in m["shards"]:
+    assert [json.loads(line) for line in lines] == [{"prompt": p, "width": 32, "height": 32} for p in SEVEN]
+    for k, s in enumerate(m["shards"]):
         assert fmt.sha256_file(out / s["file"]) == s["sha256"] and (out / s["file"]).stat().st_size == s["bytes"]
         t = load_file(out / s["file"])
         n = s["count"]
         assert t["latents"].shape == (n, 16, 16, 16) and t["latents"].dtype == torch.float32
-        assert torch.equal(t["seeds"], torch.arange(s["first"], s["first"] + n))
+        assert torch.equal(t["indices"], torch.arange(3 * k, 3 * k + n)) and torch.equal(t["seeds"], t["indices"])
         feats = t["cap_feats"].split(t["cap_lens"].tolist())
         assert t["pooled"].shape == (n, 32)
         torch.testing.assert_close(t["pooled"], torch.stack([f.mean(0) for f in feats]))

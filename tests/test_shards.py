@@ -119,29 +119,53 @@ def test_shuffle_is_deterministic_and_ranks_are_disjoint(data):
         assert len(set(flat)) == len(flat) == world * (7 // world)  # no overlap between ranks
 
 
+def test_one_bucket_visits_the_strided_slices_of_the_epoch_permutation(data):
+    """With one bucket, rank r's micro-batches are perm[r::w] in runs of B (perm: numpy PCG64 seeded
+    with (seed, epoch)); the remainder of w·B is dropped."""
+    import numpy as np
+
+    for world, batch in ((1, 2), (2, 2), (3, 1)):
+        for rank in range(world):
+            ds = ShardDataset(data[1], rank=rank, world_size=world, seed=5, batch_size=batch)
+            perm = np.random.default_rng([5, 1]).permutation(7)
+            usable = 7 // (world * batch) * world * batch
+            want = perm[:usable][rank::world].reshape(-1, batch)
+            assert ds.epoch_batches(1).tolist() == want.tolist()
+
+
 def test_state_dict_resumes_exactly(data):
-    ds = ShardDataset(data[1], rank=1, world_size=2, seed=5)
-    ds.next_batch(2)
+    ds = ShardDataset(data[1], rank=1, world_size=2, seed=5, batch_size=1)
+    ds.next_batch()
     state = ds.state_dict()
-    assert state == {"epoch": 0, "position": 2, "seed": 5}
-    expected = [ds.next_batch(2) for _ in range(3)]  # 3 samples per rank: crosses two epoch boundaries
-    resumed = ShardDataset(data[1], rank=1, world_size=2, seed=0)
+    assert state == {"epoch": 0, "position": 1, "seed": 5, "batch_size": 1}
+    assert ds.batches_per_epoch == 3  # 7 samples over 2 ranks, the remainder dropped
+    expected = [ds.next_batch() for _ in range(5)]  # crosses two epoch boundaries
+    resumed = ShardDataset(data[1], rank=1, world_size=2, seed=0, batch_size=1)
     resumed.load_state_dict(state)
     for want in expected:
-        got = resumed.next_batch(2)
+        got = resumed.next_batch()
         assert torch.equal(got.indices, want.indices) and torch.equal(got.latents, want.latents)
         assert all(torch.equal(x, y) for x, y in zip(got.cap_feats, want.cap_feats))
-    assert got.latents.shape == (2, 16, 16, 16) and got.latents.dtype == torch.float32
-    assert got.pooled.shape == (2, 32) and got.clip is None
+    assert got.latents.shape == (1, 16, 16, 16) and got.latents.dtype == torch.float32
+    assert got.pooled.shape == (1, 32) and got.clip is None
     assert resumed.state_dict() == ds.state_dict()
+    with pytest.raises(ValueError, match="same data.batch_per_rank"):
+        ShardDataset(data[1], batch_size=3).load_state_dict(state)
+
+
+def test_a_state_saved_before_buckets_counts_samples(data):
+    """Checkpoints written before buckets saved the position in samples: it is read as micro-batches."""
+    ds = ShardDataset(data[1], seed=2, batch_size=2)
+    ds.load_state_dict({"epoch": 1, "position": 4, "seed": 2})
+    assert ds.state_dict() == {"epoch": 1, "position": 2, "seed": 2, "batch_size": 2}
 
 
 def test_iteration_is_the_rest_of_the_epoch(data):
-    ds = ShardDataset(data[1], seed=1)
+    ds = ShardDataset(data[1], seed=1, batch_size=3)
     order = ds.epoch_indices(0).tolist()
-    ds.next_batch(3)
-    assert [s["index"] for s in ds] == order[3:]
-    assert ds.state_dict() == {"epoch": 1, "position": 0, "seed": 1}
+    ds.next_batch()
+    assert [s["index"] for s in ds] == order[3:] and len(order) == 6
+    assert ds.state_dict() == {"epoch": 1, "position": 0, "seed": 1, "batch_size": 3}
 
 
 def test_reader_refuses_another_teachers_data(data, tmp_path):

@@ -10,6 +10,9 @@ CPU example (seconds, on the tiny random-weight pipeline):
     printf 'a red circle\\na blue square\\n' > runs/prompts.txt
     ladd precompute --pipeline runs/tiny --prompts runs/prompts.txt --out runs/teacher --steps 50
     ladd data check runs/teacher
+Aspect-ratio buckets (ladd/data/buckets.py): each prompt gets its size from the prompt file's
+"width"/"height", else from a seeded draw over the buckets; each shard holds one bucket:
+    ladd precompute --pipeline Z-Image --prompts p.jsonl --out teacher --buckets zimage-1024
 Many GPUs (shards are dealt to ranks; the output is byte-identical whatever the number of processes):
     torchrun --nproc_per_node 8 -m ladd precompute --pipeline Z-Image --prompts p.jsonl --out teacher --dtype bf16
 
@@ -32,9 +35,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from ladd import distributed
+from ladd.data import buckets as bk
 from ladd.data import shards as fmt
 from ladd.data.prompts import PromptFile, PromptFileError, read_prompts
 from ladd.models.loading import PipelineError, resolve_pipeline
@@ -53,7 +58,8 @@ class PrecomputeConfig:
     pipeline: str  # a diffusers ZImagePipeline folder, or "toy" (the embedded toy teacher)
     prompts: str  # .txt / .jsonl / .csv / .parquet
     out: str
-    resolution: int | None = None  # None: 512, or the VAE's sample_size when that is smaller
+    resolution: int | None = None  # one square bucket; None: 512, or the VAE's sample_size when that is smaller
+    buckets: str | None = None  # a named set or WxH[:weight],... (ladd/data/buckets.py); excludes resolution
     steps: int = 50
     guidance: float = 5.0
     negative_prompt: str = ""
@@ -73,6 +79,9 @@ class PrecomputeConfig:
             raise PrecomputeError("--seed, --decode-first and --guidance must not be negative")
         if self.dtype not in DTYPES:
             raise PrecomputeError(f"--dtype must be one of {', '.join(DTYPES)}")
+        if self.resolution is not None and self.buckets is not None:
+            raise PrecomputeError(f"--resolution {self.resolution} and --buckets {self.buckets!r} both given: a "
+                                  f"square resolution is the bucket {self.resolution}x{self.resolution}; pass one of them")
 
 
 @dataclass(kw_only=True)
@@ -93,15 +102,60 @@ class PrecomputeSummary:
 # checks that run before any work
 
 
+def vae_factor(pipeline: str) -> tuple[int, int]:
+    """(VAE downsampling factor, the pixel multiple every side must be: that factor × the 2×2 patches)."""
+    vae = json.loads((resolve_pipeline(pipeline) / "vae" / "config.json").read_text())
+    scale = 2 ** (len(vae["block_out_channels"]) - 1)
+    return scale, scale * 2
+
+
 def resolve_resolution(pipeline: str, resolution: int | None) -> int:
     """The image side in pixels; a multiple of the VAE factor × 2 (the transformer's 2×2 patches)."""
     vae = json.loads((resolve_pipeline(pipeline) / "vae" / "config.json").read_text())
-    factor = 2 ** (len(vae["block_out_channels"]) - 1) * 2  # ZImagePipeline: vae_scale_factor * 2
+    factor = vae_factor(pipeline)[1]
     if resolution is None:
         resolution = min(512, vae.get("sample_size", 512))
     if resolution < factor or resolution % factor:
         raise PrecomputeError(f"--resolution {resolution} must be a positive multiple of {factor} (VAE factor × 2)")
     return resolution
+
+
+def resolve_buckets(cfg: PrecomputeConfig, prompts: PromptFile) -> tuple[list[bk.Bucket], np.ndarray]:
+    """The job's buckets and each prompt's bucket index: its own width/height when the file gives one,
+    else the seeded draw (`buckets.assign` from --seed). Every refusal names the line to fix."""
+    factor = vae_factor(cfg.pipeline)[1]
+    where = (lambda i: f"{prompts.source}:{prompts.lines[i]}") if prompts.lines else (lambda i: prompts.source)
+    sizes = prompts.sizes or [None] * len(prompts.prompts)
+    given = [i for i, size in enumerate(sizes) if size is not None]
+    if given and cfg.resolution is not None:
+        raise PrecomputeError(f"{where(given[0])}: the prompt file gives sizes (width/height) and --resolution "
+                              f"{cfg.resolution} was passed; drop --resolution (declare sizes with --buckets)")
+    if cfg.buckets is not None:
+        try:
+            buckets = bk.parse_buckets(cfg.buckets, factor)
+        except bk.BucketError as err:
+            raise PrecomputeError(str(err)) from None
+    elif given:  # the file's own sizes, in order of first appearance
+        for i in given:
+            try:
+                bk.check_buckets([bk.Bucket(*sizes[i])], factor)
+            except bk.BucketError as err:
+                raise PrecomputeError(f"{where(i)}: {err}") from None
+        buckets = [bk.Bucket(*size) for size in dict.fromkeys(sizes[i] for i in given)]
+    else:
+        buckets = bk.square(resolve_resolution(cfg.pipeline, cfg.resolution))
+    if given and len(given) < len(sizes) and cfg.buckets is None:
+        i = next(i for i, size in enumerate(sizes) if size is None)
+        raise PrecomputeError(f"{where(i)}: no width/height, and no --buckets to draw its size from; give every "
+                              "prompt a size, or pass --buckets")
+    assignment = bk.assign(buckets, len(sizes), cfg.seed)
+    for i in given:
+        k = bk.index_of(buckets, *sizes[i])
+        if k is None:
+            raise PrecomputeError(f"{where(i)}: size {sizes[i][0]}x{sizes[i][1]} is not one of the buckets "
+                                  f"({', '.join(b.name for b in buckets)}); add it to --buckets or fix the prompt")
+        assignment[i] = k
+    return buckets, assignment
 
 
 def check_clip_folder(path: str) -> None:
@@ -116,7 +170,8 @@ def check_clip_folder(path: str) -> None:
 # the job's identity: the arguments that decide the bytes (not --batch-size, not the paths' spelling)
 
 
-def describe_job(cfg: PrecomputeConfig, resolution: int, prompts: PromptFile, print0=print) -> dict:
+def describe_job(cfg: PrecomputeConfig, buckets: list[bk.Bucket], assignment: np.ndarray, prompts: PromptFile,
+                 print0=print) -> dict:
     """The manifest of this job before any shard exists (rank 0): counts truncations with the pipeline's
     tokenizer and fingerprints the teacher (and CLIP)."""
     from transformers import AutoTokenizer
@@ -125,64 +180,75 @@ def describe_job(cfg: PrecomputeConfig, resolution: int, prompts: PromptFile, pr
     tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer")
     truncated = sum(n > MAX_SEQUENCE_LENGTH for n in token_lengths(tokenizer, prompts.prompts))
     transformer = json.loads((folder / "transformer" / "config.json").read_text())
-    vae = json.loads((folder / "vae" / "config.json").read_text())
-    side = 2 * (resolution // (2 ** (len(vae["block_out_channels"]) - 1) * 2))  # as ZImagePipeline.prepare_latents
+    scale = vae_factor(cfg.pipeline)[0]
     n = len(prompts.prompts)
+    counts = np.bincount(assignment, minlength=len(buckets)).tolist()
     print0(f"precompute: {n} prompts from {cfg.prompts}"
            + (f", {prompts.skipped_empty} empty lines skipped" if prompts.skipped_empty else "")
            + (f", {truncated} longer than {MAX_SEQUENCE_LENGTH} tokens truncated (as ZImagePipeline does)"
               if truncated else "")
-           + f"; {resolution}px, {cfg.steps} steps, guidance {cfg.guidance}; hashing the teacher's weights", flush=True)
+           + f"; {', '.join(f'{b.name} ×{c}' for b, c in zip(buckets, counts))}; {cfg.steps} steps, "
+           f"guidance {cfg.guidance}; hashing the teacher's weights", flush=True)
+    if empty := [b.name for b, c in zip(buckets, counts) if c == 0]:
+        print0(f"note: bucket(s) {', '.join(empty)} got no prompts (too few prompts for the buckets' weights)")
     clip = None
     if cfg.clip:
         clip = {"path": cfg.clip, "fingerprint": fmt.fingerprint_folder(cfg.clip),
                 "dim": json.loads((Path(cfg.clip) / "config.json").read_text()).get("projection_dim", 512)}
+    sizes = [buckets[k].size for k in assignment.tolist()]
+    plan = fmt.shard_plan(assignment, len(buckets), cfg.shard_size)
     return {
         "format": fmt.FORMAT,
         "format_version": fmt.FORMAT_VERSION,
         "complete": False,
         "teacher": {"pipeline": cfg.pipeline, "fingerprint": fmt.teacher_fingerprint(folder)},
         "sampling": {
-            "resolution": resolution, "steps": cfg.steps, "guidance": cfg.guidance,
-            "negative_prompt": cfg.negative_prompt, "seed": cfg.seed,
-            "seed_rule": "sample i: torch.randn((1, C, H, W), generator=torch.Generator('cpu').manual_seed(seed + i))",
+            "steps": cfg.steps, "guidance": cfg.guidance, "negative_prompt": cfg.negative_prompt, "seed": cfg.seed,
+            "seed_rule": "sample i: torch.randn((1, C, H, W) of its bucket, generator=torch.Generator('cpu')"
+                         ".manual_seed(seed + i))",
+            "bucket_rule": "the prompt's own width/height, else bucket k where u_i = numpy.random.default_rng("
+                           "[seed, 0x6275636B]).random(N)[i] · Σ weights falls in k's share of the cumulative weights",
             "max_sequence_length": MAX_SEQUENCE_LENGTH,
         },
-        "storage": {"dtype": cfg.dtype, "latent_shape": [transformer["in_channels"], side, side],
-                    "cap_feat_dim": transformer["cap_feat_dim"], "clip": clip, "clip_dim": clip and clip["dim"],
-                    "shard_size": cfg.shard_size},
+        "buckets": [{**entry, "latent_shape": list(b.latent_shape(transformer["in_channels"], scale)), "count": c}
+                    for b, entry, c in zip(buckets, bk.to_json(buckets), counts)],
+        "storage": {"dtype": cfg.dtype, "cap_feat_dim": transformer["cap_feat_dim"], "clip": clip,
+                    "clip_dim": clip and clip["dim"], "shard_size": cfg.shard_size},
         "prompts": {"file": fmt.PROMPTS, "source": cfg.prompts, "count": n, "skipped_empty": prompts.skipped_empty,
-                    "truncated": truncated, "sha256": hashlib.sha256(fmt.prompts_jsonl(prompts.prompts)).hexdigest()},
+                    "truncated": truncated,
+                    "sha256": hashlib.sha256(fmt.prompts_jsonl(prompts.prompts, sizes)).hexdigest()},
         "num_samples": n,
         "decode_first": min(cfg.decode_first, n),
-        "shards": [
-            {"file": fmt.shard_name(k), "first": first, "count": min(cfg.shard_size, n - first), "bytes": None,
-             "sha256": None}
-            for k, first in enumerate(range(0, n, cfg.shard_size))
-        ],
+        "shards": [{"file": fmt.shard_name(k), "bucket": buckets[b].name, "count": len(ix), "bytes": None,
+                    "sha256": None} for k, (b, ix) in enumerate(plan)],
     }
 
 
 def _identity(m: dict) -> dict[str, object]:
-    """CLI flag -> the value it decided, for the refusal message when a rerun differs."""
+    """CLI flag -> the value it decided, for the refusal message when a rerun differs (the prompts last:
+    their file's checksum also covers each prompt's drawn size, which other flags explain better)."""
     s, st = m["sampling"], m["storage"]
     return {
-        "--pipeline": m["teacher"]["fingerprint"], "--prompts": m["prompts"]["sha256"],
-        "--resolution": s["resolution"], "--steps": s["steps"], "--guidance": s["guidance"],
+        "--pipeline": m["teacher"]["fingerprint"],
+        "--buckets": [b["name"] + (f":{b['weight']:g}" if b.get("weight", 1) != 1 else "") for b in m["buckets"]],
+        "--steps": s["steps"], "--guidance": s["guidance"],
         "--negative-prompt": s["negative_prompt"], "--seed": s["seed"], "--dtype": st["dtype"],
         "--shard-size": st["shard_size"], "--decode-first": m["decode_first"],
-        "--clip": st["clip"] and st["clip"]["fingerprint"],
+        "--clip": st["clip"] and st["clip"]["fingerprint"], "--prompts": m["prompts"]["sha256"],
     }
 
 
-def prepare_out(out: Path, job: dict, prompts: list[str]) -> bool:
+def prepare_out(out: Path, job: dict, prompts: list[str], sizes: list[tuple[int, int]]) -> bool:
     """Create or validate OUT; True when the job is already finished (every file present)."""
     if not (out / fmt.MANIFEST).is_file():
         out.mkdir(parents=True, exist_ok=True)
-        fmt.write_atomic(out / fmt.PROMPTS, fmt.prompts_jsonl(prompts))
+        fmt.write_atomic(out / fmt.PROMPTS, fmt.prompts_jsonl(prompts, sizes))
         fmt.write_json(out / fmt.MANIFEST, job)
         return False
     old, now = fmt.read_manifest(out, require_complete=False), _identity(job)
+    if old["format_version"] < fmt.FORMAT_VERSION:
+        raise PrecomputeError(f"--out {out} holds format-{old['format_version']} data (made before buckets); it "
+                              "stays readable for training and eval, but this job cannot continue it: use another --out")
     for flag, was in _identity(old).items():
         if was == now[flag]:
             continue
@@ -258,8 +324,7 @@ class _Refused(PrecomputeError):
 class Teacher:
     """ZImagePipeline's models on one device; `shard()` turns prompts and seeds into a shard's tensors."""
 
-    def __init__(self, cfg: PrecomputeConfig, resolution: int, device: torch.device):
-        from ladd.flow import image_seq_len, teacher_sigmas
+    def __init__(self, cfg: PrecomputeConfig, device: torch.device):
         from ladd.models.loading import load_pipeline
         from ladd.models.text import encode_prompts
         from ladd.models.zimage import ZImageAdapter
@@ -267,10 +332,8 @@ class Teacher:
         # bf16 compute only on GPU; on CPU bf16 is a storage format (the math stays float32).
         compute = torch.bfloat16 if cfg.dtype == "bf16" and device.type == "cuda" else torch.float32
         self.pipe = load_pipeline(cfg.pipeline, device, compute)  # the pipeline's own modules, frozen
-        self.cfg, self.resolution, self.device = cfg, resolution, device
+        self.cfg, self.device = cfg, device
         self.adapter = ZImageAdapter(self.pipe.transformer, compile=cfg.compile)
-        side = 2 * (resolution // (self.pipe.vae_scale_factor * 2))
-        self.sigmas = teacher_sigmas(self.pipe.scheduler, cfg.steps, image_seq_len(side, side), device=device)
         # The negative prompt is the same for every sample: encoded once here, not twice per batch.
         self.neg = None
         if cfg.guidance > 0:
@@ -278,10 +341,17 @@ class Teacher:
             self.neg = self.neg.to(self.adapter.dtype)
         self.clip = _load_clip(cfg.clip, device) if cfg.clip else None
 
+    def sigmas(self, bucket: bk.Bucket) -> torch.Tensor:
+        """The pipeline's schedule at this size (its image-token count sets the shift when dynamic)."""
+        from ladd.flow import image_seq_len, teacher_sigmas
+
+        return teacher_sigmas(self.pipe.scheduler, self.cfg.steps,
+                              image_seq_len(*bucket.latent_hw(self.pipe.vae_scale_factor)), device=self.device)
+
     @torch.no_grad()
-    def shard(self, prompts: list[str], seeds: list[int], progress,
+    def shard(self, prompts: list[str], seeds: list[int], bucket: bk.Bucket, progress,
               stop=lambda: False) -> dict[str, torch.Tensor] | None:
-        """The shard's tensors; None when `stop()` turned true between batches (the shard is abandoned)."""
+        """The shard's tensors (one bucket); None when `stop()` turned true between batches (abandoned)."""
         from ladd.models.text import encode_prompts, pack, pooled
         from ladd.sampling import euler_sample, initial_noise
 
@@ -290,6 +360,7 @@ class Teacher:
         # Batch prompts of similar length together (less padding in the text encoder and in the joint
         # [image | caption] sequence), then scatter results back: sample i keeps seed + i and its place.
         order = sorted(range(n), key=lambda j: lengths[j])
+        sigmas = self.sigmas(bucket)
         latents: list[torch.Tensor] = [None] * n
         caps: list[torch.Tensor] = [None] * n
         for b in range(0, n, bs):
@@ -302,10 +373,10 @@ class Teacher:
             feats = encode_prompts(self.pipe, [prompts[j] for j in idx], max(expect), self.device)
             if [len(f) for f in feats] != expect:
                 raise RuntimeError(f"token counts {[len(f) for f in feats]} != {expect}: tokenisation drifted")
-            noise = initial_noise(self.pipe, [seeds[j] for j in idx], self.resolution).to(self.device)
+            noise = initial_noise(self.pipe, [seeds[j] for j in idx], bucket.size).to(self.device)
             model_caps = [f.to(self.adapter.dtype) for f in feats]
             neg = None if self.neg is None else [self.neg] * len(idx)
-            x = euler_sample(self.adapter, noise, self.sigmas, model_caps, neg, self.cfg.guidance).cpu()
+            x = euler_sample(self.adapter, noise, sigmas, model_caps, neg, self.cfg.guidance).cpu()
             for k, j in enumerate(idx):
                 latents[j], caps[j] = x[k], feats[k].cpu()
             progress.update(len(idx))
@@ -333,14 +404,14 @@ class Teacher:
         return torch.cat(out)
 
     @torch.no_grad()
-    def write_images(self, out: Path, latents: torch.Tensor, first: int, decode_first: int) -> int:
-        """PNGs of samples first.. (< decode_first) via the VAE with its scaling and shift; bytes written."""
+    def write_images(self, out: Path, latents: torch.Tensor, indices: np.ndarray, decode_first: int) -> int:
+        """PNGs of the shard's samples below `decode_first` via the VAE with its scaling and shift; bytes written."""
         from ladd.images import png_bytes
         from ladd.sampling import decode
 
         written = 0
-        for j in range(min(len(latents), decode_first - first)):
-            path = out / fmt.IMAGES / fmt.image_name(first + j)
+        for j in np.flatnonzero(indices < decode_first).tolist():
+            path = out / fmt.IMAGES / fmt.image_name(int(indices[j]))
             if path.is_file():
                 continue
             path.parent.mkdir(exist_ok=True)
@@ -367,33 +438,35 @@ def run_precompute(cfg: PrecomputeConfig) -> PrecomputeSummary:
     """Validate everything, then generate this rank's missing shards; rank 0 finalises the manifest."""
     t0 = time.perf_counter()
     out = Path(cfg.out)
-    # Before any work: a wrong folder, resolution or prompt file is one line, not a traceback later.
+    # Before any work: a wrong folder, size, bucket or prompt file is one line, not a traceback later.
     resolve_pipeline(cfg.pipeline)
-    resolution = resolve_resolution(cfg.pipeline, cfg.resolution)
     if cfg.clip:
         check_clip_folder(cfg.clip)
     try:
         prompts = read_prompts(cfg.prompts)
     except PromptFileError as err:
         raise PrecomputeError(str(err)) from None
+    buckets, assignment = resolve_buckets(cfg, prompts)
 
     ranks, stop = _Ranks(), _StopRequests()
     try:
-        return _run(cfg, out, resolution, prompts, ranks, stop, t0)
+        return _run(cfg, out, buckets, assignment, prompts, ranks, stop, t0)
     finally:
         stop.close()
         ranks.stop()
 
 
-def _run(cfg, out: Path, resolution: int, prompts, ranks: _Ranks, stop: _StopRequests,
-         t0: float) -> PrecomputeSummary:
+def _run(cfg, out: Path, buckets: list[bk.Bucket], assignment: np.ndarray, prompts, ranks: _Ranks,
+         stop: _StopRequests, t0: float) -> PrecomputeSummary:
     from tqdm import tqdm
 
     # Rank 0 alone creates or validates OUT; the others learn the verdict (0 run, 1 done, 2 refused).
     status, error = 0, None
     if ranks.rank == 0:
         try:
-            status = int(prepare_out(out, describe_job(cfg, resolution, prompts, ranks.print0), prompts.prompts))
+            job = describe_job(cfg, buckets, assignment, prompts, ranks.print0)
+            sizes = [buckets[k].size for k in assignment.tolist()]
+            status = int(prepare_out(out, job, prompts.prompts, sizes))
         except (PrecomputeError, fmt.DataError) as err:
             status, error = 2, err
     status = ranks.broadcast0(status)
@@ -401,6 +474,7 @@ def _run(cfg, out: Path, resolution: int, prompts, ranks: _Ranks, stop: _StopReq
         raise error if error is not None else _Refused("rank 0 refused the job")
     manifest = fmt.read_manifest(out, require_complete=False)
     entries = manifest["shards"]
+    samples = fmt.layout(out, manifest).shard_samples  # each shard's sample indices
 
     # Shards are dealt round-robin: shard k belongs to rank k % world, whatever was done before.
     mine = [k for k in range(len(entries)) if k % ranks.world == ranks.rank]
@@ -421,7 +495,7 @@ def _run(cfg, out: Path, resolution: int, prompts, ranks: _Ranks, stop: _StopReq
                      f"({len(entries)} shards, manifest complete, checksums verified)")
         return PrecomputeSummary(images=0, seconds=time.perf_counter() - t0, bytes_written=0, nothing_to_do=True)
     todo = [k for k in mine if not present[k] or k in damaged]
-    images_todo = [k for k in mine if _missing_images(out, entries[k], manifest["decode_first"])]
+    images_todo = [k for k in mine if _missing_images(out, samples[k], manifest["decode_first"])]
     if any(present):
         first_missing = present.index(False) if not all(present) else len(entries)
         ranks.print0(f"resuming: {sum(present)} of {len(entries)} shards already written "
@@ -433,7 +507,7 @@ def _run(cfg, out: Path, resolution: int, prompts, ranks: _Ranks, stop: _StopReq
     finished: set[int] = set()  # shards this run wrote
     stopped = False  # a signal stopped this rank before its work was done
     if todo or images_todo:
-        teacher = Teacher(cfg, resolution, ranks.device)
+        teacher = Teacher(cfg, ranks.device)
         total = sum(entries[k]["count"] for k in todo)
         with tqdm(total=total, unit="img", desc=f"teacher (rank 0 of {ranks.world})", dynamic_ncols=True,
                   disable=ranks.rank != 0 or total == 0) as bar:
@@ -442,12 +516,14 @@ def _run(cfg, out: Path, resolution: int, prompts, ranks: _Ranks, stop: _StopReq
                     break
                 e, path = entries[k], out / entries[k]["file"]
                 if k in todo:
-                    ids = range(e["first"], e["first"] + e["count"])
-                    tensors = teacher.shard([prompts.prompts[i] for i in ids], [cfg.seed + i for i in ids], bar,
-                                            stop)
+                    ids = samples[k].tolist()
+                    bucket = buckets[[b.name for b in buckets].index(e["bucket"])]
+                    tensors = teacher.shard([prompts.prompts[i] for i in ids], [cfg.seed + i for i in ids], bucket,
+                                            bar, stop)
                     if stopped := tensors is None:  # abandoned between batches: nothing of it was written
                         break
-                    sha, nbytes = fmt.write_shard(path, tensors, e["first"])
+                    tensors["indices"] = torch.from_numpy(samples[k].copy())
+                    sha, nbytes = fmt.write_shard(path, tensors, e["bucket"])
                     # A checksum beside the shard, so rank 0 need not re-read every shard to finalise.
                     fmt.write_atomic(out / (e["file"] + ".sha256"), f"{sha}  {e['file']}\n".encode())
                     images, written, latents = images + e["count"], written + nbytes, tensors["latents"]
@@ -456,7 +532,7 @@ def _run(cfg, out: Path, resolution: int, prompts, ranks: _Ranks, stop: _StopReq
                     from safetensors.torch import load_file
 
                     latents = load_file(path)["latents"]
-                written += teacher.write_images(out, latents, e["first"], manifest["decode_first"])
+                written += teacher.write_images(out, latents, samples[k], manifest["decode_first"])
 
     # Every rank meets here, stopped or not (a stopped rank must not leave the others waiting, nor
     # leave early): one all-reduce of the counts, the stop flags and which shards were written.
@@ -491,9 +567,8 @@ def _damaged(out: Path, entries: list[dict], written: list[int]) -> list[int]:
     return damaged
 
 
-def _missing_images(out: Path, entry: dict, decode_first: int) -> bool:
-    end = min(entry["first"] + entry["count"], decode_first)
-    return any(not (out / fmt.IMAGES / fmt.image_name(i)).is_file() for i in range(entry["first"], end))
+def _missing_images(out: Path, indices: np.ndarray, decode_first: int) -> bool:
+    return any(not (out / fmt.IMAGES / fmt.image_name(i)).is_file() for i in indices[indices < decode_first].tolist())
 
 
 def _finalise(out: Path, manifest: dict) -> None:
@@ -524,7 +599,10 @@ def add_parser(sub) -> None:
     p.add_argument("--prompts", required=True, help=".txt (one per line), .jsonl/.csv/.parquet (field 'prompt')")
     p.add_argument("--out", required=True, help="output folder (rerun the same command to resume)")
     p.add_argument("--resolution", type=int, default=None,
-                   help="image side in pixels (default 512, or the VAE's sample_size when smaller)")
+                   help="one square size in pixels (default 512, or the VAE's sample_size when smaller)")
+    p.add_argument("--buckets", default=None, metavar="SPEC",
+                   help="aspect-ratio buckets: zimage-1024, zimage-512, toy, or WxH[:weight],... (width x height); "
+                        "prompts without their own width/height get a seeded draw")
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--guidance", type=float, default=5.0)
     p.add_argument("--negative-prompt", default="")
@@ -549,6 +627,7 @@ def cmd_precompute(args: argparse.Namespace) -> int:
     try:
         cfg = PrecomputeConfig(
             pipeline=args.pipeline, prompts=args.prompts, out=args.out, resolution=args.resolution,
+            buckets=args.buckets,
             steps=args.steps, guidance=args.guidance, negative_prompt=args.negative_prompt, seed=args.seed,
             batch_size=args.batch_size, dtype=args.dtype, decode_first=args.decode_first, clip=args.clip,
             shard_size=args.shard_size, compile=args.compile,
@@ -573,7 +652,9 @@ def cmd_data_check(args: argparse.Namespace) -> int:
     if problems:
         return 1
     m = fmt.read_manifest(args.dir)
+    where = fmt.layout(args.dir, m)
     total = sum(s["bytes"] for s in m["shards"])
     print(f"ok: {m['num_samples']} samples in {len(m['shards'])} shards ({total:,} bytes), "
-          f"teacher {m['teacher']['fingerprint'][:19]}…, {m['sampling']['resolution']}px")
+          f"teacher {m['teacher']['fingerprint'][:19]}…, buckets "
+          + ", ".join(f"{b.name} ×{n}" for b, n in zip(where.buckets, where.bucket_counts())))
     return 0

@@ -5,6 +5,10 @@
     .csv       a header row with a column "prompt"
     .parquet   a column "prompt" (needs `pip install pyarrow`)
 
+.jsonl, .csv and .parquet may also give a prompt its image size, as integer fields (columns) "width"
+and "height" in pixels — both or neither; a prompt without them gets a bucket from the seeded draw
+(`ladd.data.buckets`).
+
 Sample i is the i-th non-empty prompt of the file: empty (or whitespace-only) lines and prompts are
 skipped and counted, never turned into an empty-caption sample. Bytes that are not UTF-8 stop the read
 with the line number, so that a half-decoded caption never reaches the teacher. Over-long prompts are
@@ -31,6 +35,8 @@ class PromptFile:
     prompts: list[str]  # in sample order: sample i <-> prompts[i]
     skipped_empty: int  # empty or whitespace-only lines / prompts that were left out
     source: str  # the file they were read from
+    sizes: list[tuple[int, int] | None] | None = None  # (width, height) per prompt; None: the file gives none
+    lines: list[int] | None = None  # the 1-based line (row) each prompt came from, for messages
 
 
 def read_prompts(path: str | Path) -> PromptFile:
@@ -46,10 +52,14 @@ def read_prompts(path: str | Path) -> PromptFile:
     else:
         text = _utf8_text(path)
         raw = {".txt": _from_txt, ".jsonl": _from_jsonl, ".csv": _from_csv}[suffix](path, text)
-    prompts = [p for p in raw if p.strip()]
-    if not prompts:
+    first_line = 2 if suffix in (".csv", ".parquet") else 1  # a csv's header is line 1; parquet rows as csv
+    kept = [(k, p, size) for k, (p, size) in enumerate(raw) if p.strip()]
+    if not kept:
         raise PromptFileError(f"{path}: no prompts (all {len(raw)} entries are empty)")
-    return PromptFile(prompts=prompts, skipped_empty=len(raw) - len(prompts), source=str(path))
+    sizes = [size for _, _, size in kept]
+    return PromptFile(prompts=[p for _, p, _ in kept], skipped_empty=len(raw) - len(kept), source=str(path),
+                      sizes=sizes if any(s is not None for s in sizes) else None,
+                      lines=[k + first_line for k, _, _ in kept])
 
 
 def _utf8_text(path: Path) -> str:
@@ -73,15 +83,43 @@ def _lines(text: str) -> list[str]:
     return lines[:-1] if lines and lines[-1] == "" else lines
 
 
-def _from_txt(path: Path, text: str) -> list[str]:
-    return _lines(text)
+Entry = tuple[str, tuple[int, int] | None]  # a prompt and its (width, height), if the file gives one
 
 
-def _from_jsonl(path: Path, text: str) -> list[str]:
+def _size(path: Path, where: int, width, height) -> tuple[int, int] | None:
+    """A prompt's (width, height) from its fields; both missing is None, anything else must be two
+    positive integers."""
+    missing = [v is None or v == "" for v in (width, height)]
+    if all(missing):
+        return None
+    if any(missing):
+        given = "width" if missing[1] else "height"
+        raise PromptFileError(f"{path}:{where}: \"{given}\" without \"{'height' if given == 'width' else 'width'}\" "
+                              "(give both, or neither to draw a bucket)")
+    out = []
+    for name, v in (("width", width), ("height", height)):
+        n = None
+        if isinstance(v, int) and not isinstance(v, bool):
+            n = v
+        elif isinstance(v, float) and v.is_integer():
+            n = int(v)
+        elif isinstance(v, str) and v.strip().isdigit():
+            n = int(v)
+        if n is None or n < 1:
+            raise PromptFileError(f"{path}:{where}: \"{name}\" is {v!r}, not a positive integer number of pixels")
+        out.append(n)
+    return out[0], out[1]
+
+
+def _from_txt(path: Path, text: str) -> list[Entry]:
+    return [(line, None) for line in _lines(text)]
+
+
+def _from_jsonl(path: Path, text: str) -> list[Entry]:
     out = []
     for lineno, line in enumerate(_lines(text), start=1):
         if not line.strip():
-            out.append("")
+            out.append(("", None))
             continue
         try:
             obj = json.loads(line)
@@ -91,18 +129,19 @@ def _from_jsonl(path: Path, text: str) -> list[str]:
             raise PromptFileError(f"{path}:{lineno}: no field \"prompt\"")
         if not isinstance(obj["prompt"], str):
             raise PromptFileError(f"{path}:{lineno}: field \"prompt\" is {type(obj['prompt']).__name__}, not a string")
-        out.append(obj["prompt"])
+        out.append((obj["prompt"], _size(path, lineno, obj.get("width"), obj.get("height"))))
     return out
 
 
-def _from_csv(path: Path, text: str) -> list[str]:
+def _from_csv(path: Path, text: str) -> list[Entry]:
     reader = csv.DictReader(io.StringIO(text, newline=""))
     if reader.fieldnames is None or "prompt" not in reader.fieldnames:
         raise PromptFileError(f"{path}:1: no column \"prompt\" in the header {reader.fieldnames}")
-    return [row["prompt"] or "" for row in reader]
+    return [(row["prompt"] or "", _size(path, reader.line_num, row.get("width"), row.get("height")))
+            for row in reader]
 
 
-def _read_parquet(path: Path) -> list[str]:
+def _read_parquet(path: Path) -> list[Entry]:
     try:
         import pyarrow.parquet as pq
     except ImportError:
@@ -110,4 +149,7 @@ def _read_parquet(path: Path) -> list[str]:
     table = pq.read_table(path)
     if "prompt" not in table.column_names:
         raise PromptFileError(f"{path}: no column \"prompt\" (columns: {table.column_names})")
-    return ["" if p is None else str(p) for p in table.column("prompt").to_pylist()]
+    prompts = ["" if p is None else str(p) for p in table.column("prompt").to_pylist()]
+    sides = [table.column(c).to_pylist() if c in table.column_names else [None] * len(prompts)
+             for c in ("width", "height")]
+    return [(p, _size(path, k + 2, w, h)) for k, (p, w, h) in enumerate(zip(prompts, *sides))]

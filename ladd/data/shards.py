@@ -1,22 +1,26 @@
 """The teacher-data format: manifest, shards, checksums, teacher fingerprint, `ladd data check`, and
 the training reader `ShardDataset`. `docs/data-format.md` describes the files for readers without ladd.
 
-    OUT/manifest.json              what made the data (teacher fingerprint, sampling, seed rule) + shards
-    OUT/prompts.jsonl              {"prompt": ...} per line, in sample order
-    OUT/shard-00000.safetensors    latents, seeds, cap_feats, cap_lens, pooled[, clip]
+    OUT/manifest.json              what made the data (teacher fingerprint, sampling, seed rule, buckets)
+    OUT/prompts.jsonl              {"prompt", "width", "height"} per line, in sample order
+    OUT/shard-00000.safetensors    latents, seeds, indices, cap_feats, cap_lens, pooled[, clip]; one bucket each
     OUT/images/00000.png           with --decode-first K: the first K teacher images
 
 No pickle anywhere: JSON and safetensors only. A shard is written under a temporary name and renamed
 when complete, so a shard file that exists is whole; its sha256 in the manifest catches later damage.
 
-    ds = ShardDataset("runs/teacher", rank=r, world_size=w, seed=0, expect_fingerprint=teacher_fingerprint(dir))
-    batch = ds.next_batch(4)       # latents (4, C, H, W) float32, cap_feats list, pooled, clip, indices
-    state = ds.state_dict()        # {"epoch", "position", "seed"}; load_state_dict(state) resumes exactly
+Samples come in aspect-ratio buckets (ladd/data/buckets.py): a shard holds one bucket's samples, the
+bucket's sample indices in increasing order, `shard_size` at a time (`shard_plan`). Format version 1
+(one square resolution, before buckets) is read as one bucket.
+
+    ds = ShardDataset("runs/teacher", rank=r, world_size=w, seed=0, batch_size=4,
+                      expect_fingerprint=teacher_fingerprint(dir))
+    batch = ds.next_batch()        # latents (4, C, H, W) float32 of one bucket, cap_feats list, pooled, ...
+    state = ds.state_dict()        # {"epoch", "position", "seed", "batch_size"}: load_state_dict resumes exactly
 """
 
 from __future__ import annotations
 
-import bisect
 import hashlib
 import json
 from collections.abc import Iterable, Iterator
@@ -30,9 +34,11 @@ from safetensors.torch import save as safetensors_bytes
 from torch import Tensor
 
 from ladd import files
+from ladd.data.buckets import Bucket
 
 FORMAT = "ladd-teacher-latents"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: aspect-ratio buckets; 1: one square resolution (still read)
+READABLE_VERSIONS = (1, 2)
 MANIFEST = "manifest.json"
 PROMPTS = "prompts.jsonl"
 IMAGES = "images"
@@ -149,17 +155,31 @@ def write_json(path: Path, obj: dict) -> None:
     write_atomic(path, (json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n").encode())
 
 
-def prompts_jsonl(prompts: list[str]) -> bytes:
-    return "".join(json.dumps({"prompt": p}, ensure_ascii=False) + "\n" for p in prompts).encode()
+def prompts_jsonl(prompts: list[str], sizes: list[tuple[int, int]] | None = None) -> bytes:
+    """prompts.jsonl: one {"prompt", "width", "height"} per sample (format 1 had the prompt alone)."""
+    if sizes is None:
+        return "".join(json.dumps({"prompt": p}, ensure_ascii=False) + "\n" for p in prompts).encode()
+    return "".join(json.dumps({"prompt": p, "width": w, "height": h}, ensure_ascii=False) + "\n"
+                   for p, (w, h) in zip(prompts, sizes)).encode()
 
 
-def write_shard(path: Path, tensors: dict[str, Tensor], first: int) -> tuple[str, int]:
+def shard_plan(sample_bucket: np.ndarray, num_buckets: int, shard_size: int) -> list[tuple[int, np.ndarray]]:
+    """(bucket, sample indices) of each shard, in file order: bucket by bucket, each bucket's samples in
+    increasing index order, `shard_size` at a time. One bucket gives the contiguous shards of format 1."""
+    plan = []
+    for b in range(num_buckets):
+        members = np.flatnonzero(sample_bucket == b).astype(np.int64)
+        plan += [(b, members[i : i + shard_size]) for i in range(0, len(members), shard_size)]
+    return plan
+
+
+def write_shard(path: Path, tensors: dict[str, Tensor], bucket: str) -> tuple[str, int]:
     """One shard file; returns (sha256, bytes). The metadata makes a shard self-describing."""
     count = len(tensors["seeds"])
     # One metadata key: safetensors keeps metadata in a hash map whose order changes from process to
     # process, and the bytes of a shard must not.
-    meta = {"ladd": json.dumps({"format": FORMAT, "format_version": FORMAT_VERSION, "first": first, "count": count},
-                               sort_keys=True)}
+    meta = {"ladd": json.dumps({"format": FORMAT, "format_version": FORMAT_VERSION, "bucket": bucket,
+                                "count": count}, sort_keys=True)}
     data = safetensors_bytes({k: v.contiguous() for k, v in tensors.items()}, metadata=meta)
     write_atomic(path, data)
     return hashlib.sha256(data).hexdigest(), len(data)
@@ -178,14 +198,53 @@ def read_manifest(path: str | Path, require_complete: bool = True) -> dict:
         manifest = json.loads(file.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise DataError(f"{file}: not valid JSON ({err})") from None
-    if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
+    if manifest.get("format") != FORMAT or manifest.get("format_version") not in READABLE_VERSIONS:
         raise DataError(
             f"{file}: format {manifest.get('format')!r} version {manifest.get('format_version')!r}, "
-            f"expected {FORMAT!r} version {FORMAT_VERSION}"
+            f"expected {FORMAT!r} version {' or '.join(map(str, READABLE_VERSIONS))} (a newer ladd wrote it?)"
         )
     if require_complete and not manifest.get("complete"):
         raise DataError(f"{path}: precompute has not finished (rerun the same `ladd precompute` command)")
     return manifest
+
+
+class Layout(NamedTuple):
+    """Where every sample lives: the data's buckets, each sample's bucket, each shard's sample indices."""
+
+    buckets: list[Bucket]
+    latent_shapes: list[tuple[int, int, int]]  # per bucket, (C, H, W)
+    sample_bucket: np.ndarray  # (N,) int64 bucket index of each sample
+    shard_samples: list[np.ndarray]  # per manifest shard, its sample indices in row order
+
+    def bucket_counts(self) -> list[int]:
+        return np.bincount(self.sample_bucket, minlength=len(self.buckets)).tolist()
+
+
+def layout(root: str | Path, manifest: dict) -> Layout:
+    """The data's layout; format 1 is one square bucket with contiguous shards. For format 2 the bucket
+    of each sample is read from prompts.jsonl; a disagreement with the manifest is a DataError."""
+    root = Path(root)
+    n = manifest["num_samples"]
+    if manifest["format_version"] == 1:
+        r = manifest["sampling"]["resolution"]
+        buckets, shapes = [Bucket(r, r)], [tuple(manifest["storage"]["latent_shape"])]
+        samples = [np.arange(e["first"], e["first"] + e["count"], dtype=np.int64) for e in manifest["shards"]]
+        return Layout(buckets, shapes, np.zeros(n, np.int64), samples)
+    buckets = [Bucket(int(b["width"]), int(b["height"]), float(b.get("weight", 1.0))) for b in manifest["buckets"]]
+    shapes = [tuple(b["latent_shape"]) for b in manifest["buckets"]]
+    index = {(b.width, b.height): k for k, b in enumerate(buckets)}
+    try:
+        lines = (root / PROMPTS).read_text(encoding="utf-8").splitlines()
+        sample_bucket = np.array([index[(o["width"], o["height"])] for o in map(json.loads, lines)], np.int64)
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise DataError(f"{root / PROMPTS}: cannot read each sample's bucket ({type(err).__name__}: {err}); "
+                        f"{REPAIR}") from None
+    names = [b.name for b in buckets]
+    plan = shard_plan(sample_bucket, len(buckets), manifest["storage"]["shard_size"])
+    if len(sample_bucket) != n or [(names[b], len(ix)) for b, ix in plan] != [
+            (e["bucket"], e["count"]) for e in manifest["shards"]]:
+        raise DataError(f"{root}: {PROMPTS} and {MANIFEST} disagree about the samples' buckets; {REPAIR}")
+    return Layout(buckets, shapes, sample_bucket, [ix for _, ix in plan])
 
 
 def check_dataset(path: str | Path) -> list[str]:
@@ -202,8 +261,14 @@ def check_dataset(path: str | Path) -> list[str]:
         problems.append(f"{PROMPTS}: missing")
     elif sha256_file(prompts) != p["sha256"]:
         problems.append(f"{PROMPTS}: checksum mismatch (corrupt or edited)")
-    for entry in manifest["shards"]:
-        if problem := _check_shard(path, manifest, entry):
+    try:
+        where = layout(path, manifest)
+    except DataError as err:
+        return problems + [str(err)]
+    names = [b.name for b in where.buckets]
+    for entry, samples in zip(manifest["shards"], where.shard_samples):
+        shape = where.latent_shapes[names.index(entry["bucket"])] if "bucket" in entry else where.latent_shapes[0]
+        if problem := _check_shard(path, manifest, entry, samples, shape):
             problems.append(f"{entry['file']}: {problem}")
     missing = [image_name(i) for i in range(manifest["decode_first"]) if not (path / IMAGES / image_name(i)).is_file()]
     if missing:
@@ -211,7 +276,7 @@ def check_dataset(path: str | Path) -> list[str]:
     return problems
 
 
-def _check_shard(root: Path, manifest: dict, entry: dict) -> str | None:
+def _check_shard(root: Path, manifest: dict, entry: dict, samples: np.ndarray, latent_shape) -> str | None:
     file = root / entry["file"]
     if not file.is_file():
         return "missing"
@@ -222,7 +287,7 @@ def _check_shard(root: Path, manifest: dict, entry: dict) -> str | None:
         return f"wrong size ({size:,} bytes, manifest says {entry['bytes']:,})"
     if sha256_file(file) != entry["sha256"]:
         return "checksum mismatch (corrupt)"
-    n, first = entry["count"], entry["first"]
+    n = entry["count"]
     storage = manifest["storage"]
     try:
         with safe_open(file, framework="pt") as f:
@@ -230,13 +295,15 @@ def _check_shard(root: Path, manifest: dict, entry: dict) -> str | None:
     except Exception as err:  # noqa: BLE001 — any parse failure is a broken shard, reported as such
         return f"not a readable safetensors file ({err})"
     expect = {
-        "latents": (n, *storage["latent_shape"]),
+        "latents": (n, *latent_shape),
         "seeds": (n,),
         "cap_lens": (n,),
         "pooled": (n, storage["cap_feat_dim"]),
     }
     if storage.get("clip_dim"):
         expect["clip"] = (n, storage["clip_dim"])
+    if manifest["format_version"] >= 2:
+        expect["indices"] = (n,)
     for key, shape in expect.items():
         if key not in t:
             return f"no tensor {key!r}"
@@ -244,8 +311,10 @@ def _check_shard(root: Path, manifest: dict, entry: dict) -> str | None:
             return f"{key} has shape {tuple(t[key].shape)}, expected {shape}"
     if "cap_feats" not in t or tuple(t["cap_feats"].shape) != (int(t["cap_lens"].sum()), storage["cap_feat_dim"]):
         return "cap_feats do not match cap_lens"
-    seeds = manifest["sampling"]["seed"] + torch.arange(first, first + n)
-    if not torch.equal(t["seeds"], seeds):
+    indices = torch.from_numpy(samples)
+    if "indices" in t and not torch.equal(t["indices"], indices):
+        return f"its samples are not bucket {entry['bucket']}'s in the manifest's order"
+    if not torch.equal(t["seeds"], manifest["sampling"]["seed"] + indices):
         return "seeds do not follow the seed rule (seed + sample index)"
     for key in ("latents", "cap_feats", "pooled", "clip"):
         if key in t and not torch.isfinite(t[key].float()).all():
@@ -289,12 +358,15 @@ class ShardBatch(NamedTuple):
 
 
 class ShardDataset:
-    """Random-access, memory-mapped reader of precomputed teacher data for training.
+    """Random-access, memory-mapped reader of precomputed teacher data for training, in buckets.
 
-    Each epoch is a permutation of all samples drawn from (seed, epoch); rank r of w takes the strided
-    slice perm[r::w] of its first w·⌊N/w⌋ entries, so ranks never overlap and all see the same count
-    (the remainder is dropped, differently each epoch). `state_dict()` is the epoch and the position in
-    this rank's slice: loading it continues with exactly the next sample.
+    Each epoch is a permutation of all samples drawn from (seed, epoch). Each bucket's samples, in that
+    order, are cut into steps of `world_size · batch_size` (a bucket's remainder is dropped, differently
+    each epoch), and the steps are visited in the order of their first sample in the permutation — so
+    buckets interleave in proportion to their sizes. Rank r takes entries r, r + w, … of each step: ranks
+    never overlap, every micro-batch has one shape, and at every step all ranks hold the same bucket
+    (FSDP's collectives see equal shapes). With one bucket this is the strided slice perm[r::w].
+    `state_dict()` is the epoch and the micro-batch position in it: loading it continues exactly.
 
     Damaged data is never returned (`verify=True`): the constructor checks every shard's size against
     the manifest (a stat each), and each shard's sha256 is checked the first time this process opens it;
@@ -313,6 +385,7 @@ class ShardDataset:
         seed: int = 0,
         expect_fingerprint: str | None = None,
         verify: bool = True,
+        batch_size: int = 1,
     ):
         self.path = Path(path)
         self.manifest = read_manifest(self.path)
@@ -324,13 +397,27 @@ class ShardDataset:
             )
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in 0..{world_size - 1}")
-        self.rank, self.world_size, self.seed = rank, world_size, seed
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.rank, self.world_size, self.seed, self.batch_size = rank, world_size, seed, batch_size
         self.shards = self.manifest["shards"]
-        self._firsts = [s["first"] for s in self.shards]
         self.num_samples = self.manifest["num_samples"]
-        self.samples_per_rank = self.num_samples // world_size
-        if self.samples_per_rank == 0:
-            raise DataError(f"{self.path}: {self.num_samples} samples cannot be split over {world_size} ranks")
+        where = layout(self.path, self.manifest)
+        self.buckets, self.latent_shapes, self.sample_bucket = where.buckets, where.latent_shapes, where.sample_bucket
+        self.bucket_counts = where.bucket_counts()
+        # sample index -> (shard, row)
+        self._shard_of = np.empty(self.num_samples, np.int64)
+        self._row_of = np.empty(self.num_samples, np.int64)
+        for k, ix in enumerate(where.shard_samples):
+            self._shard_of[ix], self._row_of[ix] = k, np.arange(len(ix))
+        step = world_size * batch_size
+        # Buckets too small to fill one step are never visited; the trainer refuses them (`never_visited`).
+        self.never_visited = [(b, n) for b, n in zip(self.buckets, self.bucket_counts) if n < step]
+        if len(self.never_visited) == len(self.buckets):
+            raise DataError(f"{self.path}: {self.num_samples} samples cannot fill one step of {batch_size} per rank "
+                            f"on {world_size} rank(s) in any bucket")
+        self.batches_per_epoch = sum(n // step for n in self.bucket_counts)  # per rank
+        self.samples_per_rank = self.batches_per_epoch * batch_size
         self.verify = verify
         self._verified: set[int] = set()  # shards whose sha256 this process has checked (or was told to trust)
         if verify:  # truncation and missing files at start, before any model time is spent
@@ -340,10 +427,17 @@ class ShardDataset:
         self.epoch, self.position = 0, 0
         self._handles: dict[int, object] = {}  # shard -> open safe_open handle (memory-mapped)
         self._cap_starts: dict[int, list[int]] = {}  # shard -> row offset of each sample's caption
-        self._order: tuple[int, Tensor] | None = None  # (epoch, this rank's indices) cache
+        self._order: tuple[int, Tensor] | None = None  # (epoch, this rank's micro-batches) cache
 
     def __len__(self) -> int:
         return self.num_samples
+
+    def bucket_of(self, i: int) -> Bucket:
+        return self.buckets[int(self.sample_bucket[i])]
+
+    def bucket_members(self) -> list[list[int]]:
+        """Each bucket's sample indices, in increasing order."""
+        return [np.flatnonzero(self.sample_bucket == b).tolist() for b in range(len(self.buckets))]
 
     # --- verification ----------------------------------------------------------------------------
     def verify_shards(self, shards: Iterable[int] | None = None) -> str | None:
@@ -377,8 +471,7 @@ class ShardDataset:
     def __getitem__(self, i: int) -> dict:
         if not 0 <= i < self.num_samples:
             raise IndexError(f"sample {i} out of range 0..{self.num_samples - 1}")
-        k = bisect.bisect_right(self._firsts, i) - 1
-        j = i - self._firsts[k]
+        k, j = int(self._shard_of[i]), int(self._row_of[i])
         f = self._open(k)
         a, b = self._cap_starts[k][j], self._cap_starts[k][j + 1]
         keys = f.keys()
@@ -392,31 +485,45 @@ class ShardDataset:
         }
 
     # --- the per-epoch, per-rank order -----------------------------------------------------------
-    def epoch_indices(self, epoch: int) -> Tensor:
-        """This rank's sample indices for `epoch`, in visiting order."""
+    def epoch_batches(self, epoch: int) -> Tensor:
+        """This rank's micro-batches for `epoch`, in visiting order: (batches_per_epoch, batch_size)."""
         if self._order is None or self._order[0] != epoch:
             # numpy's PCG64 seeded with the pair (seed, epoch): the same permutation on every machine.
             perm = np.random.default_rng([self.seed, epoch]).permutation(self.num_samples)
-            mine = perm[: self.samples_per_rank * self.world_size][self.rank :: self.world_size]
+            step = self.world_size * self.batch_size
+            steps = []  # (position in perm of the step's first sample, the step's samples)
+            for b in range(len(self.buckets)):
+                at = np.flatnonzero(self.sample_bucket[perm] == b)  # perm positions of bucket b, in order
+                usable = len(at) // step * step
+                steps += [(int(at[i]), perm[at[i : i + step]]) for i in range(0, usable, step)]
+            steps.sort(key=lambda s: s[0])
+            mine = np.stack([s[self.rank :: self.world_size] for _, s in steps])
             self._order = (epoch, torch.from_numpy(mine.astype(np.int64)))
         return self._order[1]
 
-    def _advance(self) -> int:
-        i = int(self.epoch_indices(self.epoch)[self.position])
+    def epoch_indices(self, epoch: int) -> Tensor:
+        """This rank's sample indices for `epoch`, in visiting order."""
+        return self.epoch_batches(epoch).flatten()
+
+    def _advance(self) -> Tensor:
+        batch = self.epoch_batches(self.epoch)[self.position]
         self.position += 1
-        if self.position == self.samples_per_rank:
+        if self.position == self.batches_per_epoch:
             self.epoch, self.position = self.epoch + 1, 0
-        return i
+        return batch
 
     def __iter__(self) -> Iterator[dict]:
-        """The rest of the current epoch, one sample dict at a time (the state advances as it goes)."""
+        """The rest of the current epoch, one sample dict at a time (the state advances a micro-batch at a time)."""
         epoch = self.epoch
         while self.epoch == epoch:
-            yield self[self._advance()]
+            for i in self._advance().tolist():
+                yield self[i]
 
-    def next_batch(self, batch_size: int) -> ShardBatch:
-        """The next `batch_size` samples of this rank's order, continuing into the next epoch if needed."""
-        samples = [self[self._advance()] for _ in range(batch_size)]
+    def next_batch(self, batch_size: int | None = None) -> ShardBatch:
+        """The next micro-batch of this rank's order (one bucket), continuing into the next epoch if needed."""
+        if batch_size is not None and batch_size != self.batch_size:
+            raise ValueError(f"this reader was built for micro-batches of {self.batch_size}, not {batch_size}")
+        samples = [self[i] for i in self._advance().tolist()]
         clip = [s["clip"] for s in samples]
         return ShardBatch(
             latents=torch.stack([s["latents"] for s in samples]),
@@ -428,10 +535,19 @@ class ShardDataset:
         )
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "position": self.position, "seed": self.seed}
+        return {"epoch": self.epoch, "position": self.position, "seed": self.seed, "batch_size": self.batch_size}
 
     def load_state_dict(self, state: dict) -> None:
-        if not 0 <= state["position"] < self.samples_per_rank:
-            raise ValueError(f"position {state['position']} is outside this rank's {self.samples_per_rank} samples")
-        self.epoch, self.position, self.seed = int(state["epoch"]), int(state["position"]), int(state["seed"])
+        position = int(state["position"])
+        if "batch_size" not in state:  # before buckets the position counted samples, not micro-batches
+            if position % self.batch_size:
+                raise ValueError(f"position {position} (samples) is not a whole number of micro-batches of "
+                                 f"{self.batch_size}")
+            position //= self.batch_size
+        elif int(state["batch_size"]) != self.batch_size:
+            raise ValueError(f"the saved reader used micro-batches of {state['batch_size']}, this one "
+                             f"{self.batch_size}: resume with the same data.batch_per_rank")
+        if not 0 <= position < self.batches_per_epoch:
+            raise ValueError(f"position {position} is outside this rank's {self.batches_per_epoch} micro-batches")
+        self.epoch, self.position, self.seed = int(state["epoch"]), position, int(state["seed"])
         self._order = None

@@ -79,28 +79,75 @@ def _teacher_dir(cfg: EvalConfig, manifest: dict) -> Path:
 
 def score(sampler, refs, real, extractor, cfg: EvalConfig, seed_offset: int = 0, captions=None) -> dict:
     """One result row: generate the eval prompts at each eval seed, then KID/FID/latent MSE, and caption
-    scores when the teacher's world has a scorer (`captions`, ladd/eval/captions.py)."""
+    scores when the teacher's world has a scorer (`captions`, ladd/eval/captions.py). Each bucket is
+    sampled at its own size; KID over all images, and with several buckets also per bucket (`buckets`)."""
+    import torch
+
     from ladd.eval.features import extract_features
     from ladd.eval.kid import fid_score, kid_score, summarize
     from ladd.flow import latent_mse
 
     t0, per_seed = time.perf_counter(), []
+    per_bucket: dict[str, list[dict]] = {g.bucket.name: [] for g in refs.groups}
+    several = len(refs.groups) > 1
     for s in cfg.seeds:
         offset = s + seed_offset
-        seeds = [r + offset * SEED_STRIDE for r in refs.seeds]
-        latents = sampler.latents(refs.prompts, seeds, refs.resolution, cfg.batch_size)
-        images = sampler.images(latents, cfg.batch_size)
-        fake = extract_features(extractor, images, cfg.batch_size)
+        fakes, parts = [], []
+        for g, real_g in zip(refs.groups, real):
+            prompts = [refs.prompts[i] for i in g.indices]
+            seeds = [refs.seeds[i] + offset * SEED_STRIDE for i in g.indices]
+            latents = sampler.latents(prompts, seeds, g.bucket.size, cfg.batch_size)
+            images = sampler.images(latents, cfg.batch_size)
+            fake = extract_features(extractor, images, cfg.batch_size)
+            fakes.append(fake)
+            part = {"seed": s, "n": len(prompts),
+                    "latent_mse": latent_mse(latents, g.latents) if offset == 0 else None,  # paired only
+                    "caption_accuracy": captions(images, prompts) if captions else None}
+            if several and len(prompts) >= 2:
+                part["kid"] = kid_score(real_g, fake, cfg.subsets, cfg.subset_size, seed=s)
+            per_bucket[g.bucket.name].append(part)
+            parts.append(part)
         per_seed.append({
             "seed": s,
-            "kid": kid_score(real, fake, cfg.subsets, cfg.subset_size, seed=s),
-            "fid": fid_score(real, fake) if cfg.fid else None,
-            "latent_mse": latent_mse(latents, refs.latents) if offset == 0 else None,  # paired only
-            "caption_accuracy": captions(images, refs.prompts) if captions else None,
+            "kid": kid_score(torch.cat(real), torch.cat(fakes), cfg.subsets, cfg.subset_size, seed=s),
+            "fid": fid_score(torch.cat(real), torch.cat(fakes)) if cfg.fid else None,
+            "latent_mse": _weighted([p["latent_mse"] for p in parts], [p["n"] for p in parts]),
+            "caption_accuracy": _weighted([p["caption_accuracy"] for p in parts], [p["n"] for p in parts]),
         })
-    return {"label": sampler.label, "kind": sampler.kind, "steps": sampler.steps, "guidance": sampler.guidance,
-            **summarize(per_seed), "noise_seed_offset": seed_offset, "num_images": len(refs.prompts),
-            "info": sampler.info, "seconds": round(time.perf_counter() - t0, 2)}
+    row = {"label": sampler.label, "kind": sampler.kind, "steps": sampler.steps, "guidance": sampler.guidance,
+           **summarize(per_seed), "noise_seed_offset": seed_offset, "num_images": len(refs.prompts),
+           "info": sampler.info, "seconds": round(time.perf_counter() - t0, 2)}
+    if several:
+        row["buckets"] = {name: _bucket_summary(parts) for name, parts in per_bucket.items()}
+    return row
+
+
+def _weighted(values: list, counts: list[int]):
+    """The count-weighted mean of numbers or of dicts of numbers (one value: itself); None stays None."""
+    if values[0] is None:
+        return None
+    if len(values) == 1:
+        return values[0]
+    total = sum(counts)
+    if isinstance(values[0], dict):
+        return {k: sum(v[k] * n for v, n in zip(values, counts)) / total for k in values[0]}
+    return sum(v * n for v, n in zip(values, counts)) / total
+
+
+def _bucket_summary(parts: list[dict]) -> dict:
+    """One bucket's metrics over the eval seeds (KID needs at least 2 images of the bucket)."""
+    import numpy as np
+
+    from ladd.eval.kid import summarize
+
+    if "kid" in parts[0]:
+        out = summarize(parts)
+    else:
+        paired = [p["latent_mse"] for p in parts if p["latent_mse"] is not None]
+        caps = [p["caption_accuracy"] for p in parts if p["caption_accuracy"] is not None]
+        out = {"kid": None, "latent_mse": paired[0] if paired else None,
+               "caption_accuracy": {k: float(np.mean([c[k] for c in caps])) for k in caps[0]} if caps else None}
+    return {"num_images": parts[0]["n"], **out}
 
 
 def seen_noise_warning(config: dict, ref_seeds, eval_seeds) -> str | None:
@@ -154,7 +201,7 @@ def evaluate(cfg: EvalConfig) -> dict:
     from ladd.eval import samplers
     from ladd.eval.features import build_extractor
     from ladd.eval.captions import WORLD_FILE, scorer_for
-    from ladd.eval.kid import cache_dir, images_hash, load_references, reference_features
+    from ladd.eval.kid import cache_dir, load_references, reference_features
     from ladd.models.loading import load_pipeline
 
     manifest = read_manifest(cfg.data)
@@ -186,7 +233,7 @@ def evaluate(cfg: EvalConfig) -> dict:
             if warning:
                 print(warning)
     timesteps = model.info["timesteps"] if model else None
-    common = [fingerprint, images_hash(refs.images), extractor.name, cfg.subsets, cfg.subset_size,
+    common = [fingerprint, refs.images_hash(), extractor.name, cfg.subsets, cfg.subset_size,
               list(cfg.seeds), cfg.fid, str(samplers.dtype_for(cfg.dtype, device)),
               _world_text(teacher_dir / WORLD_FILE)]
     untrained = samplers.untrained_sampler(pipe, cfg.steps, timesteps, compile=cfg.compile)
@@ -198,14 +245,13 @@ def evaluate(cfg: EvalConfig) -> dict:
         rows.insert(0, score(model, refs, real, extractor, cfg, captions=captions))
     if cfg.teacher:
         s = manifest["sampling"]
-        teacher = samplers.teacher_sampler(pipe, s["steps"], s["guidance"], refs.resolution, s["negative_prompt"],
-                                           compile=cfg.compile)
+        teacher = samplers.teacher_sampler(pipe, s["steps"], s["guidance"], s["negative_prompt"], compile=cfg.compile)
         # Fresh noise (offset 1): at the references' own seeds the teacher would reproduce them, KID 0.
         rows.append(_cached_row(cache / f"teacher-{_key('teacher', *common, s['steps'], s['guidance'])}.json",
                                 lambda: score(teacher, refs, real, extractor, cfg, seed_offset=1, captions=captions)))
     result = {
         "data": str(cfg.data), "num_images": len(refs.prompts), "features": extractor.name,
-        "config": asdict(cfg), "reference": {"caption_accuracy": captions(refs.images, refs.prompts) if captions else None},
+        "config": asdict(cfg), "reference": {"caption_accuracy": _reference_captions(refs, captions)},
         "rows": rows, "untrained": base, "teacher": rows[-1] if cfg.teacher else None,
     }
     print(format_table(result))
@@ -214,6 +260,14 @@ def evaluate(cfg: EvalConfig) -> dict:
         Path(cfg.out).write_text(json.dumps(result, indent=1) + "\n")
         print(f"wrote {cfg.out}")
     return result
+
+
+def _reference_captions(refs, captions) -> dict | None:
+    """The scorer on the teacher's own reference images (the ceiling a student is compared with)."""
+    if not captions:
+        return None
+    return _weighted([captions(g.images, [refs.prompts[i] for i in g.indices]) for g in refs.groups],
+                     [len(g.indices) for g in refs.groups])
 
 
 def format_table(result: dict) -> str:
@@ -232,6 +286,15 @@ def format_table(result: dict) -> str:
         cap = f"{r['caption_accuracy']['all']:.3f}" if r.get("caption_accuracy") else "—"
         label = r["label"] + (" [cached]" if r.get("cached") else "")
         lines.append(f"{label:<40} {r['steps']:>5}  {kid:>22}  {diff:>12}  {fid:>8}  {mse:>10}  {cap}")
+        for name, b in r.get("buckets", {}).items():  # several buckets: each at its own size
+            base_b = result["untrained"].get("buckets", {}).get(name, {}).get("kid")
+            k = b["kid"]
+            kid = f"{1e3 * k['mean']:.3f} ± {1e3 * k['std']:.3f}" if k else "— (1 image)"
+            diff = "—" if r["kind"] == "untrained" or not (k and base_b) else f"{1e3 * (k['mean'] - base_b['mean']):+.3f}"
+            mse = f"{b['latent_mse']:.4g}" if b.get("latent_mse") is not None else "—"
+            cap = f"{b['caption_accuracy']['all']:.3f}" if b.get("caption_accuracy") else "—"
+            at = f"  at {name} ({b['num_images']} images)"
+            lines.append(f"{at:<40} {'':>5}  {kid:>22}  {diff:>12}  {'':>8}  {mse:>10}  {cap}")
     ref = result["reference"]["caption_accuracy"]
     if ref:
         lines.append(f"{'reference (teacher images)':<40} {'':>5}  {'':>22}  {'':>12}  {'':>8}  {'':>10}  "
@@ -244,9 +307,10 @@ def format_table(result: dict) -> str:
 
 
 def generate(source: str, path: str, prompts: list[str], seeds: list[int], out: str | Path, *, ema: bool = False,
-             steps: int = 4, guidance: float = 0.0, resolution: int | None = None, grid: bool = False,
+             steps: int = 4, guidance: float = 0.0, size: int | tuple[int, int] | None = None, grid: bool = False,
              device=None, dtype: str = "auto", batch_size: int = 8, compile: bool = False):
-    """Few-step images (PNG) and their latents (latents.safetensors) for prompts and seeds."""
+    """Few-step images (PNG) and their latents (latents.safetensors) for prompts and seeds, at `size` =
+    (width, height) pixels or one square side (default: as precompute's default resolution)."""
     import torch
     from safetensors.torch import save_file
 
@@ -263,8 +327,8 @@ def generate(source: str, path: str, prompts: list[str], seeds: list[int], out: 
     from ladd.models.loading import resolve_pipeline
 
     folder = resolve_pipeline(path) if source in ("exported", "untrained") else samplers.run_teacher_dir(path)
-    resolution = resolution or resolve_resolution(str(folder), None)
-    latents = s.latents(prompts, seeds, resolution, batch_size)
+    size = size or resolve_resolution(str(folder), None)
+    latents = s.latents(prompts, seeds, size, batch_size)
     images = s.images(latents, batch_size)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -337,7 +401,9 @@ def add_parser(sub) -> None:
     g.add_argument("--steps", type=int, default=4)
     g.add_argument("--guidance", type=float, default=0.0)
     g.add_argument("--ema", action="store_true")
-    g.add_argument("--resolution", type=int, default=None)
+    g.add_argument("--resolution", type=int, default=None, help="an N×N square (default: 512, or the VAE's size)")
+    g.add_argument("--width", type=int, default=None, help="image width in pixels (with --height): any trained bucket")
+    g.add_argument("--height", type=int, default=None, help="image height in pixels (with --width)")
     g.add_argument("--grid", action="store_true", help="also grid.png")
     g.add_argument("--dtype", choices=("auto", "fp32", "bf16"), default="auto", help="auto: bf16 on GPU, else fp32")
     g.add_argument("--device", default=None, help="default: cuda if available, else cpu")
@@ -374,8 +440,13 @@ def cmd_generate(args) -> int:
     prompts = list(args.prompt) + (read_prompts(args.prompts).prompts if args.prompts else [])
     if not prompts:
         raise ValueError("no prompts: give --prompt TEXT (repeatable) or --prompts FILE")
+    if (args.width is None) != (args.height is None):
+        raise ValueError("--width and --height go together (or --resolution N for an N×N square)")
+    if args.width is not None and args.resolution is not None:
+        raise ValueError(f"--resolution {args.resolution} and --width/--height both given: pass one of them")
+    size = (args.width, args.height) if args.width is not None else args.resolution
     generate(source, path, prompts, args.seeds, args.out, ema=args.ema, steps=args.steps, guidance=args.guidance,
-             resolution=args.resolution, grid=args.grid, dtype=args.dtype, device=args.device, compile=args.compile)
+             size=size, grid=args.grid, dtype=args.dtype, device=args.device, compile=args.compile)
     return 0
 
 

@@ -4,8 +4,8 @@ The references are a `ladd precompute` folder made from held-out prompts: the te
 latents for prompt i at seed `seed + i`, and (with `--decode-first K`, K ≥ N) their PNGs; without
 the PNGs the stored latents are decoded once with the teacher's VAE and cached.
 
-    refs = load_references("runs/eval-data", pipe)            # prompts, seeds, latents, uint8 images
-    real = reference_features(refs, extractor)                 # cached in EVAL_DIR/.ladd-cache/
+    refs = load_references("runs/eval-data", pipe)            # prompts, seeds; latents and images per bucket
+    real = reference_features(refs, extractor)                 # per bucket, cached in EVAL_DIR/.ladd-cache/
     fake = extract_features(extractor, images)
     kid_score(real, fake, subsets=50, subset_size=100, seed=0) # {"mean", "std", "subsets", "subset_size"}
 
@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 from ladd import files
 from ladd.data import shards as fmt
+from ladd.data.buckets import Bucket
 from ladd.eval.features import FeatureExtractor, extract_features
 from ladd.images import to_uint8
 
@@ -53,40 +54,60 @@ def images_hash(images: np.ndarray) -> str:
 
 
 @dataclass
+class ReferenceGroup:
+    """The references of one bucket: images of one size, so they stack (and tile) together."""
+
+    bucket: Bucket
+    indices: list[int]  # sample indices in the data set, increasing
+    latents: Tensor  # (n, C, h, w) float32 teacher latents
+    images: np.ndarray  # (n, H, W, 3) uint8
+
+
+@dataclass
 class ReferenceSet:
     data_dir: Path
     manifest: dict
-    prompts: list[str]
+    prompts: list[str]  # every reference's prompt, in sample order
     seeds: list[int]  # the noise seed of each reference (seed + i)
-    latents: Tensor  # (N, C, h, w) float32 teacher latents
-    images: np.ndarray  # (N, H, W, 3) uint8
+    groups: list[ReferenceGroup]  # per bucket that has references, in the data's bucket order
 
-    @property
-    def resolution(self) -> int:
-        return int(self.manifest["sampling"]["resolution"])
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def images_hash(self) -> str:
+        """One hash of every reference image (with one bucket: `images_hash` of its images)."""
+        hashes = [images_hash(g.images) for g in self.groups]
+        return hashes[0] if len(hashes) == 1 else hashlib.sha256("|".join(hashes).encode()).hexdigest()
 
 
 def load_references(data_dir: str | Path, pipe=None, limit: int | None = None) -> ReferenceSet:
-    """Prompts, seeds, latents and images of a precompute folder (`pipe` decodes when PNGs are missing)."""
+    """Prompts, seeds, latents and images of a precompute folder (`pipe` decodes when PNGs are missing),
+    the first `limit` samples (default all), grouped by bucket."""
     data_dir = Path(data_dir)
     ds = fmt.ShardDataset(data_dir)
     n = min(len(ds), limit) if limit else len(ds)
     prompts = [json.loads(line)["prompt"] for line in (data_dir / fmt.PROMPTS).read_text().splitlines()][:n]
     samples = [ds[i] for i in range(n)]
-    latents = torch.stack([s["latents"] for s in samples])
     seeds = [s["seed"] for s in samples]
-    if ds.manifest["decode_first"] >= n:
-        from PIL import Image
+    groups = []
+    for bucket, members in zip(ds.buckets, ds.bucket_members()):
+        idx = [i for i in members if i < n]
+        if not idx:
+            continue
+        latents = torch.stack([samples[i]["latents"] for i in idx])
+        if ds.manifest["decode_first"] >= n:
+            from PIL import Image
 
-        images = np.stack([np.asarray(Image.open(data_dir / fmt.IMAGES / fmt.image_name(i)).convert("RGB"))
-                           for i in range(n)])
-    else:
-        images = _decoded_references(data_dir, ds.manifest, latents, pipe)
-    return ReferenceSet(data_dir, ds.manifest, prompts, seeds, latents, images)
+            images = np.stack([np.asarray(Image.open(data_dir / fmt.IMAGES / fmt.image_name(i)).convert("RGB"))
+                               for i in idx])
+        else:
+            images = _decoded_references(data_dir, ds.manifest, latents, pipe, idx)
+        groups.append(ReferenceGroup(bucket, idx, latents, images))
+    return ReferenceSet(data_dir, ds.manifest, prompts, seeds, groups)
 
 
-def _decoded_references(data_dir: Path, manifest: dict, latents: Tensor, pipe) -> np.ndarray:
-    """The stored latents through the VAE, once: cached by (shard checksums, VAE weights, count)."""
+def _decoded_references(data_dir: Path, manifest: dict, latents: Tensor, pipe, indices: list[int]) -> np.ndarray:
+    """The stored latents through the VAE, once: cached by (shard checksums, VAE weights, samples)."""
     if pipe is None:
         raise ValueError(f"{data_dir} has no PNG references (precompute --decode-first N): a pipeline is "
                          "needed to decode its latents")
@@ -94,7 +115,9 @@ def _decoded_references(data_dir: Path, manifest: dict, latents: Tensor, pipe) -
 
     vae_dir = Path(pipe.name_or_path) / "vae" if getattr(pipe, "name_or_path", None) else None
     vae_id = fingerprint_folder(vae_dir) if vae_dir and vae_dir.is_dir() else "unknown-vae"
-    key = hashlib.sha256(json.dumps([[s["sha256"] for s in manifest["shards"]], vae_id, len(latents)]).encode())
+    # The sample count alone for contiguous samples 0..n-1 (the key before buckets); else the indices.
+    which = len(latents) if indices == list(range(len(indices))) else indices
+    key = hashlib.sha256(json.dumps([[s["sha256"] for s in manifest["shards"]], vae_id, which]).encode())
     path = cache_dir(data_dir) / f"references-{key.hexdigest()[:16]}.safetensors"
     if path.is_file() and vae_id != "unknown-vae":
         return load_file(str(path))["images"].numpy()
@@ -108,16 +131,21 @@ def _decoded_references(data_dir: Path, manifest: dict, latents: Tensor, pipe) -
     return images
 
 
-def reference_features(refs: ReferenceSet, extractor: FeatureExtractor, batch_size: int = 32) -> Tensor:
-    """The references' features, cached as safetensors keyed by a hash of the images and the extractor."""
-    key = hashlib.sha256(f"{images_hash(refs.images)}|{extractor.name}".encode()).hexdigest()[:16]
-    path = cache_dir(refs.data_dir) / f"features-{extractor.name}-{key}.safetensors"
+def reference_features(refs: ReferenceSet, extractor: FeatureExtractor, batch_size: int = 32) -> list[Tensor]:
+    """The references' features per bucket group, each cached as safetensors keyed by a hash of the
+    images and the extractor."""
+    return [_group_features(refs.data_dir, g.images, extractor, batch_size) for g in refs.groups]
+
+
+def _group_features(data_dir: Path, images: np.ndarray, extractor: FeatureExtractor, batch_size: int) -> Tensor:
+    key = hashlib.sha256(f"{images_hash(images)}|{extractor.name}".encode()).hexdigest()[:16]
+    path = cache_dir(data_dir) / f"features-{extractor.name}-{key}.safetensors"
     if path.is_file():
         return load_file(str(path))["features"]
-    feats = extract_features(extractor, refs.images, batch_size)
+    feats = extract_features(extractor, images, batch_size)
     with files.replacing(path) as tmp:  # parallel sweep trials may race here
         save_file({"features": feats.contiguous()}, str(tmp), metadata={"extractor": extractor.name,
-                                                                       "images": str(len(refs.images))})
+                                                                       "images": str(len(images))})
     return feats
 
 

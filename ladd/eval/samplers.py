@@ -5,7 +5,8 @@
     s = untrained_sampler(pipe)                                # teacher weights, the student's 4 steps
     s = teacher_sampler(pipe, steps=50, guidance=5.0)          # the teacher at its own steps, with CFG
     s = exported_sampler("runs/toy-export")                    # a `ladd export` folder
-    latents = s.latents(prompts, seeds, resolution=64)         # == ZImagePipeline(..., output_type="latent")
+    latents = s.latents(prompts, seeds, (80, 48))              # == ZImagePipeline(..., width=80, height=48,
+                                                               #    output_type="latent")
     images = s.images(latents)                                 # (N, H, W, 3) uint8
 
 Few-step sampling is `initial_noise` (the pipeline's own per-seed noise) + `euler_sample` through the
@@ -65,14 +66,22 @@ class Sampler:
     guidance: float = 0.0
     negative_prompt: str = ""
     info: dict = field(default_factory=dict)
+    shifted: bool = False  # the teacher's schedule: the pipeline's sigmas for each size's token count
 
     @property
     def steps(self) -> int:
         return len(self.sigmas) - 1
 
+    def sigmas_at(self, latent_hw: tuple[int, int]) -> Tensor:
+        if not self.shifted:
+            return self.sigmas
+        return teacher_sigmas(self.pipe.scheduler, self.steps, image_seq_len(*latent_hw))
+
     @torch.no_grad()
-    def latents(self, prompts: list[str], seeds: list[int], resolution: int, batch_size: int = 8) -> Tensor:
-        """Float32 latents (N, C, h, w) on the CPU; prompt i starts from the pipeline's noise for seeds[i]."""
+    def latents(self, prompts: list[str], seeds: list[int], size: int | tuple[int, int],
+                batch_size: int = 8) -> Tensor:
+        """Float32 latents (N, C, h, w) on the CPU at `size` = (width, height) pixels (an int: a square);
+        prompt i starts from the pipeline's noise for seeds[i]."""
         if len(prompts) != len(seeds):
             raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
         device, dtype = self.pipe.transformer.device, self.adapter.dtype
@@ -83,9 +92,10 @@ class Sampler:
         with tqdm(total=len(prompts), desc=f"sample {self.label}", unit="img", leave=False) as bar:
             for i in range(0, len(prompts), batch_size):
                 caps = [c.to(dtype) for c in encode_prompts(self.pipe, prompts[i : i + batch_size], device=device)]
-                noise = initial_noise(self.pipe, seeds[i : i + batch_size], resolution).to(device)
+                noise = initial_noise(self.pipe, seeds[i : i + batch_size], size).to(device)
                 negs = None if neg is None else [neg] * len(caps)
-                out.append(euler_sample(self.adapter, noise, self.sigmas.to(device), caps, negs, self.guidance).cpu())
+                sigmas = self.sigmas_at(tuple(noise.shape[-2:])).to(device)
+                out.append(euler_sample(self.adapter, noise, sigmas, caps, negs, self.guidance).cpu())
                 bar.update(len(caps))
         return torch.cat(out)
 
@@ -108,13 +118,13 @@ def untrained_sampler(pipe, steps: int = 4, timesteps: list[float] | None = None
                    student_sigmas(ts), info={"timesteps": ts})
 
 
-def teacher_sampler(pipe, steps: int, guidance: float, resolution: int, negative_prompt: str = "",
-                    compile: bool = False) -> Sampler:
-    """The teacher at its own steps with CFG, on the pipeline's own (shifted) schedule."""
-    side = 2 * (resolution // (pipe.vae_scale_factor * 2))
+def teacher_sampler(pipe, steps: int, guidance: float, negative_prompt: str = "", compile: bool = False) -> Sampler:
+    """The teacher at its own steps with CFG, on the pipeline's own schedule (shifted for each size as
+    the pipeline does when its scheduler shifts dynamically)."""
+    side = 2 * (pipe.vae.config.sample_size // (pipe.vae_scale_factor * 2))
     sigmas = teacher_sigmas(pipe.scheduler, steps, image_seq_len(side, side))
     return Sampler(f"teacher ({steps} steps, cfg {guidance:g})", "teacher", pipe,
-                   ZImageAdapter(pipe.transformer, compile=compile), sigmas, guidance, negative_prompt)
+                   ZImageAdapter(pipe.transformer, compile=compile), sigmas, guidance, negative_prompt, shifted=True)
 
 
 # --------------------------------------------------------------------------------------------------

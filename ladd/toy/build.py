@@ -1,17 +1,26 @@
 """Build the toy teacher: a small ZImagePipeline that has really learned the toy world.
 
 Stages (each timed, with a progress bar):
-  1. render a fixed training set of captioned scenes (`ladd.toy.world`, train split only);
+  1. render a fixed training set of captioned scenes (`ladd.toy.world`, train split only), split
+     evenly over the build's aspect-ratio buckets (default: 64x64 only; `--buckets toy` adds 80x48
+     and 48x80);
   2. train a small 16-channel `AutoencoderKL` on it (reconstruction + a light KL), then set its
-     `shift_factor` / `scaling_factor` from the latents' mean and std, as Z-Image's VAE has them;
+     `shift_factor` / `scaling_factor` from the latents' mean and std over all buckets, as Z-Image's
+     VAE has them;
   3. a tiny frozen `Qwen3Model` text encoder with a byte-level tokenizer whose BPE merges make every
      world word one token (random features of whole words condition well; of bytes, poorly);
   4. train a `ZImageTransformer2DModel` by flow matching *through the adapter* (LADD convention:
-     target v = ε − x0), with caption dropout to the empty prompt so CFG works;
+     target v = ε − x0), with caption dropout to the empty prompt so CFG works; a minibatch has one
+     shape, so each step (of the VAE too) draws its batch from one bucket, chosen by a seeded stream
+     in proportion to the bucket's share of the images;
   5. save a `ZImagePipeline` folder (safetensors) plus `build.json` (config, losses, PSNR, seconds).
 
     ladd toy build --out ladd/toy/assets/toy-zimage            # ~25 min on 2 CPU cores (see docs/toy-world.md)
     ladd toy build --out /tmp/toy --quick             # a 1-minute smoke build
+    ladd toy build --out /tmp/toy --quick --buckets toy   # ... trained at 64x64, 80x48 and 48x80
+
+With one bucket (the default) no bucket is ever drawn, so the random streams, and the weights, are
+those of the square-only build that made the shipped teacher.
 """
 
 from __future__ import annotations
@@ -27,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from ladd.data.buckets import Bucket, assign, check_buckets
 from ladd.flow import interpolate, velocity_target
 from ladd.models.loading import write_world
 from ladd.models.text import encode_prompts, token_lengths
@@ -39,12 +49,14 @@ from ladd.toy import world
 class ToyBuildConfig:
     seed: int = 0
     threads: int = 2
-    image_size: int = 64
+    image_size: int = 64  # the pipeline's default size (VAE sample_size); must be one of the buckets
+    # (width, height) pixel sizes trained on; n_images is split evenly over them
+    buckets: tuple[tuple[int, int], ...] = ((64, 64),)
     # The teacher's world: one large object (the world module draws up to three; a 2.5M-parameter
     # teacher in 25 CPU minutes learns shapes only at this size: docs/notes/2026-11-26-toy-teacher-attempts.md).
     max_objects: int = 1
     pattern_prob: float = 0.3  # share of striped / dotted objects
-    diameter_range: tuple[float, float] = (0.45, 0.65)  # object size, as a fraction of the image side
+    diameter_range: tuple[float, float] = (0.45, 0.65)  # object size, fraction of the side sqrt(W*H)
     n_images: int = 16384  # fixed training set (train-split captions only)
     # VAE: three levels -> downsampling factor 4 -> 16×16×16 latents -> 8×8 image tokens
     vae_channels: tuple[int, ...] = (16, 32, 32)
@@ -52,7 +64,7 @@ class ToyBuildConfig:
     vae_batch: int = 32
     vae_lr: float = 1e-3
     vae_kl: float = 1e-6
-    vae_crop: int = 32  # the VAE is convolutional: train on crops, 4× cheaper than whole images
+    vae_crop: int = 32  # the VAE is convolutional: train on crops (no side past the bucket's), 4× cheaper
     # transformer
     dim: int = 128
     n_layers: int = 6
@@ -66,6 +78,29 @@ class ToyBuildConfig:
     warmup: int = 200
     caption_dropout: float = 0.1
     ema: float = 0.999
+
+    def __post_init__(self):
+        self.buckets = tuple((int(w), int(h)) for w, h in self.buckets)  # build.json gives lists
+        check_buckets(self.bucket_list(), self.latent_factor())
+        for w, h in self.buckets:  # refuse here what scene sampling would refuse minutes later
+            if self.diameter_range[1] > world.max_diameter(w / h):
+                raise ValueError(f"bucket {w}x{h} holds objects up to diameter {world.max_diameter(w / h):.3f}, "
+                                 f"below diameter_range {self.diameter_range}")
+        if (self.image_size, self.image_size) not in self.buckets:
+            raise ValueError(f"image_size {self.image_size} (the pipeline's default size) must be one of the buckets "
+                             f"{self.buckets}")
+
+    def latent_factor(self) -> int:
+        """Pixels per image token: the VAE's downsampling × the transformer's 2×2 patches."""
+        return 2 ** (len(self.vae_channels) - 1) * 2
+
+    def bucket_list(self) -> list[Bucket]:
+        return [Bucket(w, h) for w, h in self.buckets]
+
+    def bucket_counts(self) -> list[int]:
+        """Training images per bucket: n_images split evenly, the remainder to the first buckets."""
+        k = len(self.buckets)
+        return [self.n_images // k + (i < self.n_images % k) for i in range(k)]
 
     def tiny(self) -> TinyConfig:
         return TinyConfig(
@@ -102,16 +137,31 @@ def _to_tensor(images: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)  # [-1, 1]
 
 
-def train_vae(vae, images: np.ndarray, cfg: ToyBuildConfig, gen: torch.Generator) -> dict:
+def step_buckets(counts: list[int], steps: int, seed: int) -> np.ndarray:
+    """The bucket each training step draws its minibatch from, in proportion to the bucket's images.
+
+    A stream of its own (ladd.data.buckets.assign), so the batches' draws from the torch generator
+    are the same whatever the buckets; with one bucket nothing is drawn at all.
+    """
+    return assign([Bucket(1, 1, float(c)) for c in counts], steps, seed)  # assign reads only the weights
+
+
+def train_vae(vae, images: list[np.ndarray], cfg: ToyBuildConfig, gen: torch.Generator) -> dict:
+    """images: one (n, H, W, 3) uint8 array per bucket."""
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
     vae.train()
+    which = step_buckets([len(b) for b in images], cfg.vae_steps, cfg.seed + 1)
     bar = tqdm(range(cfg.vae_steps), desc="vae", unit="step")
     for step in bar:
-        idx = torch.randint(len(images), (cfg.vae_batch,), generator=gen)
-        x = _to_tensor(images[idx.numpy()])
-        if cfg.vae_crop < x.shape[-1]:
-            i, j = (torch.randint(0, (x.shape[-1] - cfg.vae_crop) // 4 + 1, (2,), generator=gen) * 4).tolist()
-            x = x[:, :, i : i + cfg.vae_crop, j : j + cfg.vae_crop]
+        bucket = images[which[step]]
+        idx = torch.randint(len(bucket), (cfg.vae_batch,), generator=gen)
+        x = _to_tensor(bucket[idx.numpy()])
+        h, w = x.shape[-2:]
+        ch, cw = min(cfg.vae_crop, h), min(cfg.vae_crop, w)
+        if ch < h or cw < w:  # offsets on the 4-pixel latent grid; drawn one after the other, as (2,) did
+            i = int(torch.randint(0, (h - ch) // 4 + 1, (1,), generator=gen)) * 4
+            j = int(torch.randint(0, (w - cw) // 4 + 1, (1,), generator=gen)) * 4
+            x = x[:, :, i : i + ch, j : j + cw]
         post = vae.encode(x).latent_dist
         z = post.mean + post.std * torch.randn(post.mean.shape, generator=gen)
         recon = vae.decode(z).sample
@@ -158,26 +208,31 @@ def encode_captions(pipe, captions: list[str], chunk: int = 256) -> list[torch.T
 
 
 def train_transformer(
-    adapter: ZImageAdapter, latents: torch.Tensor, caps: list[torch.Tensor], empty: torch.Tensor,
+    adapter: ZImageAdapter, latents: list[torch.Tensor], caps: list[list[torch.Tensor]], empty: torch.Tensor,
     cfg: ToyBuildConfig, gen: torch.Generator,
 ) -> tuple[dict, dict[str, torch.Tensor]]:
-    """Flow matching through the adapter: x_σ = (1 − σ)x0 + σε, loss ‖v_θ(x_σ, σ, c) − (ε − x0)‖²."""
+    """Flow matching through the adapter: x_σ = (1 − σ)x0 + σε, loss ‖v_θ(x_σ, σ, c) − (ε − x0)‖².
+
+    latents and caps hold one entry per bucket; each step trains on one bucket's latents.
+    """
     params = [p for p in adapter.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.01, betas=(0.9, 0.99))
     ema = {k: v.detach().clone() for k, v in adapter.transformer.state_dict().items()}
     adapter.train()
     losses = []
+    which = step_buckets([len(x) for x in latents], cfg.steps, cfg.seed)
     bar = tqdm(range(cfg.steps), desc="teacher", unit="step")
     for step in bar:
-        idx = torch.randint(len(latents), (cfg.batch,), generator=gen)
-        x0 = latents[idx]
+        k = which[step]
+        idx = torch.randint(len(latents[k]), (cfg.batch,), generator=gen)
+        x0 = latents[k][idx]
         eps = torch.randn(x0.shape, generator=gen)
         # σ ~ logit-normal(sigma_mean, 1) as in SD3 / Z-Image training, plus 10 % uniform for the ends.
         sigma = torch.sigmoid(cfg.sigma_mean + torch.randn(cfg.batch, generator=gen))
         uniform = torch.rand(cfg.batch, generator=gen)
         sigma = torch.where(torch.rand(cfg.batch, generator=gen) < 0.1, uniform, sigma)
         drop = torch.rand(cfg.batch, generator=gen) < cfg.caption_dropout
-        batch_caps = [empty if d else caps[i] for i, d in zip(idx.tolist(), drop.tolist())]
+        batch_caps = [empty if d else caps[k][i] for i, d in zip(idx.tolist(), drop.tolist())]
         v = adapter(interpolate(x0, eps, sigma), sigma, batch_caps).velocity
         loss = F.mse_loss(v, velocity_target(x0, eps))
         opt.zero_grad(set_to_none=True)
@@ -209,18 +264,33 @@ def build_toy(out: str | Path, cfg: ToyBuildConfig | None = None) -> dict:
     gen = torch.Generator().manual_seed(cfg.seed)
     t0 = time.perf_counter()
 
-    images, captions = world.make_batch(cfg.n_images, seed=cfg.seed, size=cfg.image_size, **scene_kwargs(cfg))
+    # One rendered set per bucket; the first uses the build's seed itself, so a square-only build
+    # renders exactly the training set it always did.
+    images, captions = [], []
+    for k, ((w, h), n) in enumerate(zip(cfg.buckets, cfg.bucket_counts())):
+        imgs, caps_k = world.make_batch(n, seed=cfg.seed if k == 0 else [cfg.seed, k], width=w, height=h,
+                                        **scene_kwargs(cfg))
+        images.append(imgs)
+        captions.append(caps_k)
+    report["buckets"] = [{"name": b.name, "width": b.width, "height": b.height, "n_images": n}
+                         for b, n in zip(cfg.bucket_list(), cfg.bucket_counts())]
     report["seconds"]["render"] = time.perf_counter() - t0
 
     t = time.perf_counter()
     torch.manual_seed(cfg.seed + 1)
     vae = build_vae(tiny)
     report.update(train_vae(vae, images, cfg, gen))
-    raw = encode_images(vae, images)
-    shift, scale = raw.mean().item(), 1.0 / raw.std().item()
+    raws = [encode_images(vae, imgs) for imgs in images]
+    # One shift and scale for every bucket (the VAE config has one): over all latent values. One
+    # bucket reduces its tensor as it is: the posterior means have channels-last strides, and
+    # flattening copies them into another summation order (last-bit changes to the shift).
+    flat = raws[0] if len(raws) == 1 else torch.cat([r.flatten() for r in raws])
+    shift, scale = flat.mean().item(), 1.0 / flat.std().item()
     vae.register_to_config(shift_factor=shift, scaling_factor=scale)
-    latents = (raw - shift) * scale  # what the pipeline's transformer sees
-    report["vae_psnr_db"] = psnr(vae, images[:256])
+    latents = [(raw - shift) * scale for raw in raws]  # what the pipeline's transformer sees
+    per_bucket = {b.name: psnr(vae, imgs[:256]) for b, imgs in zip(cfg.bucket_list(), images)}
+    report["vae_psnr_db"] = float(np.mean(list(per_bucket.values())))
+    report["vae_psnr_db_per_bucket"] = per_bucket
     report["vae_shift_factor"], report["vae_scaling_factor"] = shift, scale
     report["seconds"]["vae"] = time.perf_counter() - t
     print(f"vae: PSNR {report['vae_psnr_db']:.1f} dB on training images; shift {shift:.4f} scale {scale:.4f}")
@@ -234,9 +304,9 @@ def build_toy(out: str | Path, cfg: ToyBuildConfig | None = None) -> dict:
     scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=tiny.shift)
     pipe = ZImagePipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
                           transformer=transformer)
-    unique = sorted(set(captions))
+    unique = sorted({c for caps_k in captions for c in caps_k})
     feats = dict(zip(unique, encode_captions(pipe, unique)))
-    caps = [feats[c] for c in captions]
+    caps = [[feats[c] for c in caps_k] for caps_k in captions]
     empty = encode_prompts(pipe, [""])[0]
     report["unique_captions"] = len(unique)
     report["seconds"]["text"] = time.perf_counter() - t
@@ -268,16 +338,28 @@ def scene_kwargs(cfg: ToyBuildConfig | dict) -> dict:
             "diameter_range": tuple(c.get("diameter_range", (0.2, 0.4)))}
 
 
+def _build_config(pipeline: str | Path) -> dict:
+    """build.json's config of a toy pipeline folder ("toy": the shipped one); this build's defaults without one."""
+    from ladd.models.loading import TOY_PIPELINE
+
+    path = (TOY_PIPELINE if str(pipeline) == "toy" else Path(pipeline)) / "build.json"
+    return json.loads(path.read_text())["config"] if path.is_file() else asdict(ToyBuildConfig())
+
+
 def pipeline_world(pipeline: str | Path = "toy") -> dict:
     """The world knobs a toy pipeline was built on (its build.json; else this build's defaults).
 
     Prompts for training and evaluation must come from the teacher's own world: a one-object teacher
     asked for three objects is being tested on something it never saw.
     """
-    from ladd.models.loading import TOY_PIPELINE
+    return scene_kwargs(_build_config(pipeline))
 
-    path = (TOY_PIPELINE if str(pipeline) == "toy" else Path(pipeline)) / "build.json"
-    return scene_kwargs(json.loads(path.read_text())["config"] if path.is_file() else ToyBuildConfig())
+
+def pipeline_buckets(pipeline: str | Path = "toy") -> list[tuple[int, int]]:
+    """The (width, height) sizes a toy pipeline was trained at; [(64, 64)] for a build that predates buckets."""
+    c = _build_config(pipeline)
+    size = c.get("image_size", 64)
+    return [(int(w), int(h)) for w, h in c.get("buckets", [(size, size)])]
 
 
 def quick_config(**overrides) -> ToyBuildConfig:

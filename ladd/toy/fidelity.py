@@ -26,14 +26,20 @@ means the same thing in every run. The approach, in the order `describe` runs it
 6. pattern = the hole signal (1 - alpha) inside the hull at the world's pattern frequency: ~0 for
    solid, along y only for stripes, along x and y for dots.
 
+Nothing assumes a square image: MIN_AREA is a fraction of H*W, the border is read all round, the
+shape is judged inside each object's own bounding box, and the pattern period scales with the
+reference side sqrt(H*W), as the world draws it, so the toy's 80x48 and 48x80 buckets read like 64x64.
+
 Measures the accuracy table of docs/toy-world.md (clean and degraded images, wrong captions):
 
     python -m ladd.toy.fidelity --n 2000
+    python -m ladd.toy.fidelity --n 2000 --size 80x48      # a non-square bucket
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import time
 
 import numpy as np
@@ -252,7 +258,8 @@ def describe(image: np.ndarray) -> CaptionSpec:
         by, bx = np.nonzero(body)
         crop = np.s_[by.min() : by.max() + 1, bx.min() : bx.max() + 1]
         hull = _hull(body[crop])
-        pattern = _pattern(hull, alpha[crop], PATTERN_PERIOD_PX * w / 64)
+        # the world's pattern period scales with the reference side sqrt(H*W) (= W for a square)
+        pattern = _pattern(hull, alpha[crop], PATTERN_PERIOD_PX * math.sqrt(h * w) / 64)
         objects.append((centre_x, (_NAMES[colour], pattern, _shape(hull))))
     objects.sort(key=lambda o: o[0])
     return CaptionSpec(_NAMES[bg], tuple(o for _, o in objects))
@@ -365,14 +372,14 @@ def perturb_caption(text: str, what: str, rng: np.random.Generator) -> str:
     return caption_of(CaptionSpec(spec.background, tuple(objects)))
 
 
-def validate(n: int = 2000, seed: int = 0) -> dict[str, dict[str, float]]:
+def validate(n: int = 2000, seed: int = 0, width: int = 64, height: int = 64) -> dict[str, dict[str, float]]:
     """Accuracy on n true captions and rejection of wrong ones, per degradation.
 
     Rows are degradations; "acc_*" are caption_accuracy fractions on the true captions, "reject_*"
     the fraction of perturbed captions judged wrong: by `all` for background, colour and shape, by
     `patterns` for a changed pattern.
     """
-    images, captions = make_batch(n, seed, split=None)
+    images, captions = make_batch(n, seed, split=None, width=width, height=height)
     table = {}
     for kind in DEGRADATIONS:
         rng = np.random.default_rng(seed + 1)
@@ -392,8 +399,10 @@ def _main() -> None:
     ap = argparse.ArgumentParser(description="Caption-fidelity accuracy on rendered toy-world scenes.")
     ap.add_argument("--n", type=int, default=2000)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--size", default="64x64", help="image size WxH, e.g. 80x48")
     args = ap.parse_args()
-    table = validate(args.n, args.seed)
+    width, height = (int(v) for v in args.size.split("x"))
+    table = validate(args.n, args.seed, width, height)
     cols = list(next(iter(table.values())))
     print("| condition | " + " | ".join(cols) + " |")
     print("|---" * (len(cols) + 1) + "|")

@@ -7,10 +7,18 @@ patterns are fine (2-pixel) structure that few-step sampling tends to lose. Ever
     rng = np.random.default_rng(0)
     scene = sample_scene(rng)
     image = render(scene)                      # (64, 64, 3) uint8
+    wide = render(sample_scene(rng, aspect=80 / 48), width=80, height=48)  # (48, 80, 3): a toy bucket
     text = caption(scene)                      # "an orange striped circle on a gray background"
     parse_caption(text) == spec_of(scene)      # True: the grammar round-trips
     images, captions = make_batch(256, seed=1) # training captions only (split="train")
     eval_prompts = prompts(64, "eval")         # captions that never occur in the train split
+
+Non-square frames (the aspect-ratio buckets of `ladd.data.buckets`, toy: 64x64, 80x48, 48x80) keep
+the geometry in pixels: sizes, margins and gaps are fractions of the reference side sqrt(W*H) (~64 px
+for every toy bucket), positions fractions of the width and height, so an object looks the same in
+every bucket and only the frame changes. Captions and their grammar do not depend on the frame, nor
+does the train/eval split (a hash of the caption): every bucket draws from one caption set. At
+aspect 1 the scenes and pixels are exactly those of the square-only world.
 
 Writes the sample grid of docs/toy-world.md and prints the rendering speed:
 
@@ -49,13 +57,14 @@ PATTERNS = ("solid", "striped", "dotted")  # "solid" is never written in caption
 # Every token a caption can contain (the comma separates the first objects of a three-object list).
 CAPTION_WORDS = ("a", "an", "on", "and", "background", ",") + BACKGROUNDS + SHAPES + PATTERNS[1:]
 
-# Geometry as fractions of the image side, so a scene renders at any size. Pixels quoted at 64 px.
+# Geometry as fractions of the reference side sqrt(W*H) (the image side of a square), so a scene
+# renders at any size and a non-square frame holds objects of the same pixel size. Pixels at 64 px.
 DIAMETER_RANGE = (0.2, 0.4)  # bounding-box side of an object: 12.8 .. 25.6 px
 PATTERN_MIN_DIAMETER = 0.28  # striped/dotted objects are >= 18 px, so they show >= 3 bands or dots
 EDGE_MARGIN = 0.05  # objects stay >= 3.2 px from the border, which fidelity reads as background
 MIN_GAP = 0.08  # >= 5 px between bounding circles, so blurred objects never merge into one blob
 MIN_DX = 0.06  # >= 4 px between centres in x, so "left to right" is unambiguous
-# Patterns, in pixels at 64 px (scaled with the size). They are holes of background colour cut
+# Patterns, in pixels at 64 px (scaled with sqrt(W*H) / 64). They are holes of background colour cut
 # into the object, kept inside a solid rim so the object stays one connected, legible shape.
 # Stripes and dots share one period: fidelity.py reads patterns at exactly that frequency.
 RIM_PX = 1.5
@@ -72,7 +81,7 @@ class SceneObject:
     pattern: str
     x: float  # centre, fraction of the image width
     y: float  # centre, fraction of the image height
-    diameter: float  # bounding-box side, fraction of the image side
+    diameter: float  # bounding-box side, fraction of the reference side sqrt(W*H)
     rgb: tuple[int, int, int]  # palette colour plus this object's jitter
 
 
@@ -81,6 +90,7 @@ class Scene:
     background: str
     bg_rgb: tuple[int, int, int]
     objects: tuple[SceneObject, ...]  # sorted left to right by x, the caption's order
+    aspect: float = 1.0  # width / height of the frame the objects were placed in
 
 
 class CaptionSpec(NamedTuple):
@@ -103,17 +113,31 @@ def _jitter(rng: np.random.Generator, name: str, jitter: int) -> tuple[int, int,
     return tuple(min(max(c + int(o), 0), 255) for c, o in zip(PALETTE[name], offsets))
 
 
-def _place(rng, shapes, diameter_ranges, tries=64):
+def _frame(aspect: float) -> tuple[float, float]:
+    """Width and height of a frame of this aspect, in units of its reference side sqrt(W*H)."""
+    return math.sqrt(aspect), 1 / math.sqrt(aspect)  # exactly (1.0, 1.0) for a square
+
+
+def max_diameter(aspect: float = 1.0) -> float:
+    """The largest object diameter (reference units) a frame of this aspect holds inside its margins."""
+    return min(_frame(aspect)) - 2 * EDGE_MARGIN
+
+
+def _place(rng, shapes, diameter_ranges, frame=(1.0, 1.0), tries=64):
     """Rejection-sample (x, y, diameter) per object; None when the objects do not fit.
 
-    All `tries` candidates for an object are drawn at once and the first that keeps its distance
-    from the objects already placed wins: vectorised, because sampling must keep up with rendering.
+    Works in reference units (the frame is `frame` wide and high) so that gaps are the same in x
+    and y; returns x and y as fractions of the width and height. All `tries` candidates for an
+    object are drawn at once and the first that keeps its distance from the objects already placed
+    wins: vectorised, because sampling must keep up with rendering.
     """
-    placed: list[tuple[float, float, float, float]] = []  # x, y, diameter, bounding radius
+    fw, fh = frame
+    placed: list[tuple[float, float, float, float]] = []  # x, y (reference units), diameter, bounding radius
     for shape, (lo, hi) in zip(shapes, diameter_ranges):
         d = rng.uniform(lo, hi, size=tries)
         half = d / 2 + EDGE_MARGIN
-        x, y = half + (1 - 2 * half) * rng.random((2, tries))
+        u = rng.random((2, tries))
+        x, y = half + (fw - 2 * half) * u[0], half + (fh - 2 * half) * u[1]
         rho = _bounding_radius(shape, d)
         ok = np.ones(tries, bool)
         for px, py, _, prho in placed:
@@ -122,7 +146,7 @@ def _place(rng, shapes, diameter_ranges, tries=64):
             return None
         i = int(ok.argmax())
         placed.append((float(x[i]), float(y[i]), float(d[i]), float(rho[i])))
-    return [p[:3] for p in placed]
+    return [(x / fw, y / fh, d) for x, y, d, _ in placed]
 
 
 def sample_scene(
@@ -134,8 +158,13 @@ def sample_scene(
     pattern_prob: float = 0.4,
     diameter_range: tuple[float, float] = DIAMETER_RANGE,
     jitter: int = 4,
+    aspect: float = 1.0,
 ) -> Scene:
     """One random scene. Knobs make the world easier: fewer objects, no patterns, bigger objects.
+
+    `aspect` = width / height of the frame (80 / 48 for the toy's landscape bucket). Only placement
+    sees the frame: its rejections, and so the draws after them, depend on it (one-object scenes
+    never fail a placement, so their whole stream is the same at every aspect).
 
     The object count is uniform in [min_objects, max_objects]; each object is patterned with
     probability `pattern_prob` (striped or dotted, equally likely) when `patterns` is True. Object
@@ -144,8 +173,12 @@ def sample_scene(
     """
     if not 1 <= min_objects <= max_objects <= 5 * len(SHAPES):  # 5 colours x 3 shapes are distinct
         raise ValueError(f"need 1 <= min_objects <= max_objects <= 15, got {min_objects}, {max_objects}")
-    if not 0 < diameter_range[0] <= diameter_range[1] <= 1 - 2 * EDGE_MARGIN:
-        raise ValueError(f"diameter_range must satisfy 0 < lo <= hi <= 0.9, got {diameter_range}")
+    if not aspect > 0:
+        raise ValueError(f"aspect (width / height) must be positive, got {aspect}")
+    frame, fit = _frame(aspect), max_diameter(aspect)
+    if not 0 < diameter_range[0] <= diameter_range[1] <= fit:
+        raise ValueError(f"diameter_range must satisfy 0 < lo <= hi <= {fit:.3g} at aspect {aspect:.3g}, "
+                         f"got {diameter_range}")
     background = BACKGROUNDS[rng.integers(len(BACKGROUNDS))]
     n = int(rng.integers(min_objects, max_objects + 1))
     colours = [c for c in OBJECT_COLOURS if c != background]
@@ -165,7 +198,7 @@ def sample_scene(
     floors = [0.0 if p == "solid" else min(PATTERN_MIN_DIAMETER, hi) for _, p, _ in kinds]
     ranges = [(max(lo, f), hi) for f in floors]
     attempt = 0
-    while (placed := _place(rng, [s for _, _, s in kinds], ranges)) is None:
+    while (placed := _place(rng, [s for _, _, s in kinds], ranges, frame)) is None:
         attempt += 1
         if attempt > 400:  # reachable only with 5 or more objects (the floors no longer fit)
             raise RuntimeError(f"cannot place {len(kinds)} objects without overlap; lower max_objects")
@@ -175,7 +208,7 @@ def sample_scene(
         SceneObject(c, s, p, x, y, d, _jitter(rng, c, jitter)) for (c, p, s), (x, y, d) in zip(kinds, placed)
     ]
     objects.sort(key=lambda o: o.x)
-    return Scene(background, _jitter(rng, background, jitter), tuple(objects))
+    return Scene(background, _jitter(rng, background, jitter), tuple(objects), aspect)
 
 
 # ----------------------------------------------------------------------------- rendering
@@ -205,21 +238,31 @@ def _holes(pattern: str, shape: str, u, v, r, sdf, scale) -> np.ndarray:
     return near & (_sdf(shape, lu, lv, r) > radius + rim)
 
 
-def render(scene: Scene, size: int = 64, supersample: int = 4) -> np.ndarray:
-    """Rasterise a scene to (size, size, 3) uint8, anti-aliased by `supersample`^2 samples a pixel.
+def render(
+    scene: Scene, size: int = 64, supersample: int = 4, *, width: int | None = None, height: int | None = None
+) -> np.ndarray:
+    """Rasterise a scene to (height, width, 3) uint8 (default size x size), anti-aliased by
+    `supersample`^2 samples a pixel.
 
-    Each object's coverage is computed on a supersampled grid over its bounding box only and
-    box-filtered down to an alpha map, then blended over the background: the same result as
-    rendering the whole image at 4x and downsampling, at a fraction of the cost.
+    The frame must have the aspect the scene was sampled for (else its objects would not fit, or
+    would keep different gaps): a ValueError otherwise; any size of that aspect works. Each object's
+    coverage is computed on a supersampled grid over its bounding box only and box-filtered down to
+    an alpha map, then blended over the background: the same result as rendering the whole image at
+    4x and downsampling, at a fraction of the cost.
     """
-    img = np.empty((size, size, 3), np.float32)
+    width, height = width or size, height or size
+    if not math.isclose(width / height, scene.aspect, rel_tol=1e-3):
+        raise ValueError(f"scene sampled for aspect {scene.aspect:.4g} cannot render at {width}x{height} "
+                         f"(aspect {width / height:.4g}): sample it with aspect=width / height")
+    img = np.empty((height, width, 3), np.float32)
     img[:] = scene.bg_rgb
-    scale = size / 64
+    ref = math.sqrt(width * height)  # the reference side; exactly `size` for a square
+    scale = ref / 64
     sub = (np.arange(supersample, dtype=np.float32) + 0.5) / supersample  # sample offsets in a pixel
     for obj in scene.objects:
-        cx, cy, r = obj.x * size, obj.y * size, obj.diameter * size / 2
-        x0, x1 = max(int(cx - r) - 1, 0), min(int(math.ceil(cx + r)) + 1, size)
-        y0, y1 = max(int(cy - r) - 1, 0), min(int(math.ceil(cy + r)) + 1, size)
+        cx, cy, r = obj.x * width, obj.y * height, obj.diameter * ref / 2
+        x0, x1 = max(int(cx - r) - 1, 0), min(int(math.ceil(cx + r)) + 1, width)
+        y0, y1 = max(int(cy - r) - 1, 0), min(int(math.ceil(cy + r)) + 1, height)
         u = (np.arange(x0, x1, dtype=np.float32)[:, None] + sub).reshape(1, -1) - cx
         v = (np.arange(y0, y1, dtype=np.float32)[:, None] + sub).reshape(-1, 1) - cy
         sdf = _sdf(obj.shape, u, v, r)
@@ -317,19 +360,23 @@ def prompts(n: int, split: str = "train", seed: int = 0, **scene_kw) -> list[str
 
 
 def make_batch(
-    n: int, seed: int, size: int = 64, max_objects: int = 3, *, split: str | None = "train", **scene_kw
+    n: int, seed, size: int = 64, max_objects: int = 3, *, split: str | None = "train",
+    width: int | None = None, height: int | None = None, **scene_kw
 ) -> tuple[np.ndarray, list[str]]:
-    """(images (n, size, size, 3) uint8, captions), deterministic per seed.
+    """(images (n, height, width, 3) uint8, captions), deterministic per seed (an int, or a list of
+    ints as numpy's default_rng takes). width and height default to size; scenes are sampled for
+    their aspect.
 
     Only train-split captions by default, so eval prompts stay unseen by every model; split="eval"
     gives reference images for the eval prompts, split=None the whole world.
     """
+    width, height = width or size, height or size
     rng = np.random.default_rng(seed)
-    images = np.empty((n, size, size, 3), np.uint8)
+    images = np.empty((n, height, width, 3), np.uint8)
     captions = []
     for i in range(n):
-        scene, text = _sample_split(rng, split, max_objects=max_objects, **scene_kw)
-        images[i] = render(scene, size)
+        scene, text = _sample_split(rng, split, max_objects=max_objects, aspect=width / height, **scene_kw)
+        images[i] = render(scene, width=width, height=height)
         captions.append(text)
     return images, captions
 

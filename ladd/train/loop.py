@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from ladd import distributed
 from ladd.config import Config, ConfigError, to_dict, to_toml
+from ladd.data.buckets import BucketError, parse_buckets
 from ladd.data.shards import DataError, ShardDataset, teacher_fingerprint
 from ladd.distributed import print0
 from ladd.models.discriminator import Discriminator
@@ -69,7 +70,9 @@ class Trainer:
                                                  cfg.model.lora_alpha, cfg.model.gradient_checkpointing,
                                                  cfg.model.compile)
         self.data = ShardDataset(cfg.data.path, d.rank, d.world_size, cfg.data.seed,
-                                 expect_fingerprint=teacher_fingerprint(self.pipeline_dir))
+                                 expect_fingerprint=teacher_fingerprint(self.pipeline_dir),
+                                 batch_size=cfg.data.batch_per_rank)
+        check_buckets(cfg, self.data, pipe.vae_scale_factor * 2)
         # Damaged teacher data is refused before the first step, by every rank together: each rank
         # hashes a 1/world share of the shards (every rank reads every shard, so a lazy check would
         # hash the whole data set on each), then they agree. Never trained on, never a hang.
@@ -147,7 +150,7 @@ class Trainer:
         cfg, out = self.cfg, []
         empty = None
         for _ in range(cfg.data.grad_accum):
-            b = self.data.next_batch(cfg.data.batch_per_rank)
+            b = self.data.next_batch()
             caps = [c.to(self.dist.device) for c in b.cap_feats]
             cond = (b.clip if cfg.model.text_cond == "clip" else b.pooled).to(self.dist.device)
             if cfg.data.text_dropout > 0:
@@ -355,6 +358,28 @@ class Trainer:
                 f"{cfg.data.grad_accum} accum = {eff} per step, {cfg.train.steps} steps, {len(self.data)} "
                 f"prompts -> each seen ~{seen:.1f}×; {self.disc.describe()}; "
                 f"{'bf16' if self.bf16 else 'fp32'}; G every {cfg.method.gen_update_interval} steps")
+
+
+def check_buckets(cfg: Config, data: ShardDataset, factor: int) -> None:
+    """The data holds the buckets the config asks for, and every bucket fills at least one step."""
+    have = [b.name for b in data.buckets]
+    if cfg.data.buckets:
+        try:
+            want = [b.name for b in parse_buckets(cfg.data.buckets, factor)]
+        except BucketError as err:
+            raise ConfigError(f"data.buckets: {err}") from None
+        if sorted(want) != sorted(have):
+            missing, extra = sorted(set(want) - set(have)), sorted(set(have) - set(want))
+            raise DataError(f"{cfg.data.path} holds buckets {','.join(have)}, but data.buckets = {cfg.data.buckets!r} "
+                            f"asks for {','.join(want)}" + (f" (missing {','.join(missing)})" if missing else "")
+                            + (f" (not asked for {','.join(extra)})" if extra else "")
+                            + "; precompute with the same --buckets, or set data.buckets to match")
+    if data.never_visited:
+        b, n = data.never_visited[0]
+        step = data.world_size * data.batch_size
+        raise DataError(f"{cfg.data.path}: bucket {b.name} has {n} samples, fewer than one step's {step} "
+                        f"({data.batch_size} per rank × {data.world_size} rank(s)), so it would never be trained; "
+                        "precompute more prompts for it, or lower data.batch_per_rank")
 
 
 def build_roles(transformer, student: str, lora_rank: int, lora_alpha: float,

@@ -32,12 +32,14 @@ def reference_checks(cfg: Config, pipe, data) -> list[Check]:
 
 
 def micro_batch_check(cfg: Config, data) -> Check:
-    """Every micro-batch holds distinct samples: a rank whose share of the data is smaller than its
-    micro-batch repeats samples inside one batch, which for the hinge is a smaller batch than asked
-    (a batch of one saturates it to zero gradient)."""
-    per_rank, batch = data.samples_per_rank, cfg.data.batch_per_rank
-    return ("each micro-batch holds distinct samples", per_rank >= batch,
-            f"{per_rank} samples per rank for micro-batches of {batch} ({cfg.method.loss} loss)")
+    """Every micro-batch holds distinct samples of one bucket, and every bucket fills at least one step:
+    a bucket with fewer samples than a step (micro-batch × ranks) would never be trained."""
+    step = data.world_size * cfg.data.batch_per_rank
+    short = [f"{b.name} ({n})" for b, n in data.never_visited]
+    counts = ", ".join(f"{b.name} ×{n}" for b, n in zip(data.buckets, data.bucket_counts))
+    return ("every bucket fills a step of distinct samples", not short,
+            f"buckets {counts} for steps of {step} ({cfg.method.loss} loss)"
+            + (f"; too few: {', '.join(short)}" if short else ""))
 
 
 def gradient_check(cfg: Config, student, teacher, disc, micro_batches, device: torch.device) -> Check:
