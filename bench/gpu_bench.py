@@ -195,7 +195,7 @@ def bench_sampling(device, config: dict, resolutions: list[int], batches: list[i
 def plan_for(config: dict, res: int, batch: int, student: str, optimizer: str, ckpt: bool, layers,
              gpu_mem_gib: float | None = None) -> dict:
     kw = {"gpu_mem_gib": gpu_mem_gib} if gpu_mem_gib else {}
-    return plan(PlanInput(transformer_config=config or {}, resolution=res, batch_per_rank=batch, student=student,
+    return plan(PlanInput(transformer_config=config or {}, buckets=((res, res),), batch_per_rank=batch, student=student,
                           optimizer=optimizer, caption_tokens=CAPTION_TOKENS, disc_layers=tuple(layers),
                           checkpointing=ckpt, **kw))[1]
 

@@ -44,6 +44,7 @@ class DemoConfig:
     subset_size: int = 100
     eval_batch: int = 32
     overrides: tuple[str, ...] = ()  # extra `section.key=value` for training
+    buckets: str | None = None  # aspect-ratio buckets for training and eval data (precompute --buckets); None: square
 
     def __post_init__(self):
         self.seeds = self.seeds if self.seeds is not None else (1 if self.quick else 5)
@@ -52,7 +53,7 @@ class DemoConfig:
         if min(self.seeds, self.n_train, self.n_eval) < 1:
             raise ValueError(f"--seeds, --n-train and --n-eval must be >= 1, got {self.seeds}, {self.n_train}, "
                              f"{self.n_eval}")
-        self.out = self.out or ("runs/demo-quick" if self.quick else "runs/demo")
+        self.out = self.out or ("runs/demo-quick" if self.quick else "runs/demo") + ("-buckets" if self.buckets else "")
 
 
 def _stage(timings: dict, name: str):
@@ -99,7 +100,7 @@ def run_demo(cfg: DemoConfig) -> dict:
             summaries.append(run_precompute(PrecomputeConfig(
                 pipeline=cfg.pipeline, prompts=str(out / f"{split}.txt"), out=str(out / "data" / split),
                 steps=50, guidance=5.0, batch_size=32, seed=cfg.train_seed if split == "train" else 0,
-                decode_first=cfg.n_eval if split == "eval" else 0)))
+                decode_first=cfg.n_eval if split == "eval" else 0, buckets=cfg.buckets)))
             if summaries[-1].stopped:  # preempted: its own line said so; the rerun continues
                 raise SystemExit(0)
     # Stages whose work an earlier invocation did: the report keeps that one's seconds.
@@ -195,12 +196,39 @@ def summarize(rows: list[dict], cfg: DemoConfig, timings: dict, steps: int) -> d
         "gap_closed": (kid_u - kid_ladd["mean"]) / (kid_u - kid_t) if kid_u != kid_t else float("nan"),
         "ladd_vs_untrained_se": (kid_u - kid_ladd["mean"]) / se if se and se > 0 else float("nan"),
         "train_steps": steps,
+        **({"buckets": per_bucket(rows)} if "buckets" in model[0] else {}),
         "config": {**asdict(cfg)},
         "seconds": timings,
         "machine": {"platform": platform.platform(), "processor": platform.processor(),
                     "python": platform.python_version()},
     }
     return report
+
+
+def per_bucket(rows: list[dict]) -> dict:
+    """report.json's `buckets`: each bucket's KID (teacher, untrained, LADD over seeds), gap closed and
+    significance, and caption accuracy — the same numbers as the whole-set ones, at one size."""
+    out = {}
+    for name in rows[0]["rows"][0]["buckets"]:
+        u, t = rows[0]["untrained"]["buckets"][name], (rows[0].get("teacher") or {}).get("buckets", {}).get(name, {})
+        ladd = [r["rows"][0]["buckets"][name] for r in rows]
+        if u["kid"] is None or any(b["kid"] is None for b in ladd):
+            out[name] = {"num_images": u["num_images"], "kid": None}
+            continue
+        kid = _mean_std([b["kid"]["mean"] for b in ladd])
+        kid_u, kid_t = u["kid"]["mean"], (t.get("kid") or {}).get("mean", float("nan"))
+        se = kid["std"] / math.sqrt(kid["n"]) if kid["n"] > 1 else float("nan")
+        acc = [b.get("caption_accuracy") for b in ladd]
+        out[name] = {
+            "num_images": u["num_images"],
+            "kid": {"teacher": kid_t, "untrained": kid_u, "ladd": kid},
+            "gap_closed": (kid_u - kid["mean"]) / (kid_u - kid_t) if kid_u != kid_t else float("nan"),
+            "ladd_vs_untrained_se": (kid_u - kid["mean"]) / se if se and se > 0 else float("nan"),
+            "caption_accuracy": {"teacher": (t.get("caption_accuracy") or {}).get("all"),
+                                 "untrained": (u.get("caption_accuracy") or {}).get("all"),
+                                 "ladd": _mean_std([a["all"] for a in acc]) if all(acc) else None},
+        }
+    return out
 
 
 def method_line(m: dict) -> str:

@@ -1,7 +1,12 @@
 """`ladd plan`: per-GPU memory of a LADD run, before renting the GPUs.
 
-    ladd plan --config configs/zimage-512-8gpu.toml --gpus 8 --gpu-mem 79.2
-    ladd plan --config configs/zimage-512-1gpu.toml --gpus 1 --student lora
+    ladd plan --config configs/zimage-1024-8gpu.toml --gpus 8 --gpu-mem 79.2
+    ladd plan --config configs/zimage-1024-1gpu-lora.toml --gpus 1 --student lora
+    ladd plan --config configs/zimage-512-8gpu.toml --gpus 8 --buckets 1024x1024,832x1216
+
+Memory is sized for the largest bucket (the most image tokens: every bucket's step must fit); the
+plan lists each bucket's token count. Buckets come from --buckets, else the config's data.buckets,
+else --resolution (one square).
 
 Parameter counts are exact (the transformer is built on the meta device from its config); the
 activation term is an estimate — bytes kept per token per block for backward — whose two constants
@@ -36,7 +41,7 @@ OVERHEAD_GB = 2.0  # CUDA context, allocator slack, workspace
 @dataclass(kw_only=True)
 class PlanInput:
     transformer_config: dict
-    resolution: int = 512
+    buckets: tuple[tuple[int, int], ...] = ((512, 512),)  # (width, height) pixels; the largest sizes memory
     vae_factor: int = 8
     caption_tokens: int = 256
     batch_per_rank: int = 2
@@ -77,7 +82,8 @@ def plan(p: PlanInput) -> tuple[list[tuple[str, float]], dict]:
     """(rows of (component, GB per GPU), summary)."""
     c = count_params(p.transformer_config)
     P, N, D = c["total"], p.gpus, c["dim"]
-    tokens = (p.resolution // (p.vae_factor * 2)) ** 2 + p.caption_tokens
+    per_bucket = bucket_tokens(p)
+    tokens = max(t for _, t in per_bucket) + p.caption_tokens
     rows: list[tuple[str, float]] = []
     shard = 1 / N if N > 1 else 1.0
     if p.student == "full":
@@ -111,8 +117,16 @@ def plan(p: PlanInput) -> tuple[list[tuple[str, float]], dict]:
     capacity = p.gpu_mem_gib * GIB / GB
     largest = int((capacity - fixed) // (act / GB)) if capacity > fixed else 0
     summary = {"params": P, "trainable": trainable, "tokens": tokens, "total_gb": total, "capacity_gb": capacity,
-               "fits": total <= capacity, "largest_batch_per_rank": largest}
+               "fits": total <= capacity, "largest_batch_per_rank": largest, "bucket_tokens": per_bucket,
+               "largest_bucket": max(per_bucket, key=lambda b: b[1])[0]}
     return rows, summary
+
+
+def bucket_tokens(p: PlanInput) -> list[tuple[str, int]]:
+    """(bucket name, image tokens) for each bucket: (H / vae / 2) · (W / vae / 2) patches."""
+    from ladd.data.buckets import Bucket
+
+    return [(Bucket(w, h).name, Bucket(w, h).tokens(p.vae_factor)) for w, h in p.buckets]
 
 
 def disc_params(dim: int, heads: int, hidden: int, cond_dim: int = 256, text_dim: int = 2560) -> int:
@@ -124,11 +138,12 @@ def disc_params(dim: int, heads: int, hidden: int, cond_dim: int = 256, text_dim
 
 def format_plan(p: PlanInput, rows, summary) -> str:
     head = (f"plan: {p.student} student, {p.gpus} GPU(s) × {p.gpu_mem_gib:g} GiB = {summary['capacity_gb']:.1f} GB, "
-            f"{p.resolution} px "
-            f"({summary['tokens']} tokens/sample), batch {p.batch_per_rank}/rank, {p.optimizer}, "
+            f"largest bucket {summary['largest_bucket']} "
+            f"({summary['tokens']} tokens/sample with the caption), batch {p.batch_per_rank}/rank, {p.optimizer}, "
             f"checkpointing {'on' if p.checkpointing else 'off'}; {summary['params'] / 1e9:.2f}B params, "
             f"{summary['trainable'] / 1e6:.1f}M trainable")
-    lines = [head] + [f"  {name:<58} {gb:8.2f} GB" for name, gb in rows]
+    lines = [head, "  buckets (image tokens): " + ", ".join(f"{n} ({t})" for n, t in summary["bucket_tokens"])]
+    lines += [f"  {name:<58} {gb:8.2f} GB" for name, gb in rows]
     verdict = "fits" if summary["fits"] else "does NOT fit"
     lines.append(f"  {'total per GPU':<58} {summary['total_gb']:8.2f} GB  -> {verdict}; "
                  f"largest batch per rank that fits: {summary['largest_batch_per_rank']}")
@@ -146,6 +161,16 @@ def transformer_config_of(pipeline: str) -> dict:
     return {}  # ZImageTransformer2DModel() defaults = Z-Image 6B (dim 3840, 30 layers)
 
 
+def vae_factor_of(pipeline: str) -> int:
+    """The pipeline's VAE downsampling factor; Z-Image's 8 if the folder is absent."""
+    from ladd.models.loading import TOY_PIPELINE
+
+    path = (TOY_PIPELINE if pipeline == "toy" else Path(pipeline)) / "vae" / "config.json"
+    if path.is_file():
+        return 2 ** (len(json.loads(path.read_text())["block_out_channels"]) - 1)
+    return 8
+
+
 def add_parser(sub) -> None:
     p = sub.add_parser("plan", help="per-GPU memory plan for a config")
     p.add_argument("--config", required=True)
@@ -153,7 +178,8 @@ def add_parser(sub) -> None:
     p.add_argument("--gpus", type=int, default=1)
     p.add_argument("--gpu-mem", type=float, default=79.2,
                    help="GiB per GPU as torch.cuda.mem_get_info reports its total (an '80 GB' H100: 79.2)")
-    p.add_argument("--resolution", type=int, default=512)
+    p.add_argument("--resolution", type=int, default=None, help="one square bucket (default 512)")
+    p.add_argument("--buckets", default=None, help="zimage-1024, zimage-512, toy or WxH,... (default: data.buckets)")
     p.add_argument("--student", choices=("full", "lora", "both"), default="both")
     p.set_defaults(func=cmd_plan)
 
@@ -161,11 +187,19 @@ def add_parser(sub) -> None:
 def cmd_plan(args) -> int:
     from ladd.config import load_config
 
+    from ladd.data.buckets import parse_buckets, square
+
     cfg = load_config(args.config, args.set)
+    if args.resolution is not None and args.buckets is not None:
+        raise ValueError(f"--resolution {args.resolution} and --buckets {args.buckets!r} both given: pass one of them")
+    vae = vae_factor_of(cfg.model.pipeline)
+    spec = args.buckets or (None if args.resolution else cfg.data.buckets)
+    buckets = parse_buckets(spec, 2 * vae) if spec else square(args.resolution or 512)
     students = ("full", "lora") if args.student == "both" else (args.student,)
     for student in students:
         inp = PlanInput(
-            transformer_config=transformer_config_of(cfg.model.pipeline), resolution=args.resolution,
+            transformer_config=transformer_config_of(cfg.model.pipeline), vae_factor=vae,
+            buckets=tuple(b.size for b in buckets),
             batch_per_rank=cfg.data.batch_per_rank, gpus=args.gpus, gpu_mem_gib=args.gpu_mem, student=student,
             optimizer=cfg.optim.optimizer, checkpointing=cfg.model.gradient_checkpointing,
             teacher_sharded=cfg.train.teacher_sharded, disc_layers=tuple(cfg.model.disc_layers),

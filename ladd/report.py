@@ -19,7 +19,10 @@ def headline(r: dict) -> str:
     k = r["kid"]
     return (f"KID teacher {k['teacher']['mean']:.4f} | untrained {k['untrained']['mean']:.4f} | LADD "
             f"{k['ladd']['mean']:.4f} ± {k['ladd']['std']:.4f} (n={k['ladd']['n']}); gap closed "
-            f"{r['gap_closed']:.2f}; (untrained − LADD) / SE = {r['ladd_vs_untrained_se']:.1f}; {guards_line(r)}")
+            f"{r['gap_closed']:.2f}; (untrained − LADD) / SE = {r['ladd_vs_untrained_se']:.1f}; "
+            + "".join(f"at {name}: gap closed {b['gap_closed']:.2f}, SE {b['ladd_vs_untrained_se']:.1f}; "
+                      for name, b in r.get("buckets", {}).items() if b["kid"] is not None)
+            + guards_line(r))
 
 
 def guards_line(r: dict) -> str:
@@ -85,6 +88,22 @@ def curves_png(runs: list[Path], report: dict) -> str:
     return base64.b64encode(buf.getvalue()).decode()
 
 
+def bucket_table(buckets: dict, fmt) -> str:
+    """The per-bucket results of a multi-aspect demo: each size's KID, gap closed, SE and captions."""
+    rows = []
+    for name, b in buckets.items():
+        if b["kid"] is None:
+            rows.append(f"<tr><td>{name} ({b['num_images']} images)</td><td colspan=6>too few images for KID</td></tr>")
+            continue
+        k, c = b["kid"], b["caption_accuracy"]
+        rows.append(f"<tr><td>{name} ({b['num_images']} images)</td><td>{fmt(k['teacher'])}</td><td>{fmt(k['untrained'])}"
+                    f"</td><td>{fmt(k['ladd']['mean'])} ± {fmt(k['ladd']['std'])}</td><td>{fmt(b['gap_closed'])}</td>"
+                    f"<td>{fmt(b['ladd_vs_untrained_se'])}</td><td>{fmt(c['teacher'])} / {fmt(c['untrained'])} / "
+                    f"{fmt((c['ladd'] or {}).get('mean'))}</td></tr>")
+    return ("<h3>Per bucket</h3><table><tr><th>bucket</th><th>KID teacher</th><th>KID untrained</th><th>KID LADD</th>"
+            "<th>gap closed</th><th>SE</th><th>captions teacher / untrained / LADD</th></tr>" + "".join(rows) + "</table>")
+
+
 def render_html(r: dict, grid: str, runs: list[Path]) -> str:
     def fmt(x):
         return "—" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.4f}"
@@ -104,6 +123,8 @@ def render_html(r: dict, grid: str, runs: list[Path]) -> str:
 </table>
 <p>gap closed (KID): <b>{fmt(r['gap_closed'])}</b> · (untrained − LADD) / standard error:
 <b>{fmt(r['ladd_vs_untrained_se'])}</b></p>"""
+    if r.get("buckets"):
+        table += bucket_table(r["buckets"], fmt)
     reused = set(r.get("seconds_reused", []))
     timing = "".join(f"<tr><td>{name}</td><td>{sec:.0f} s{' (reused: an earlier run did this stage)' if name in reused else ''}"
                      f"</td></tr>" for name, sec in r["seconds"].items())

@@ -288,3 +288,26 @@ def test_format_1_data_is_still_read(bucketed, tiny_dir, tmp_path, capsys):
     rc, _, err = _run(capsys, "precompute", "--pipeline", tiny_dir, "--prompts", prompts, "--out", old, "--steps", 1,
                       "--shard-size", 2)
     assert rc == 2 and "holds format-1 data" in err
+
+
+def test_training_refuses_a_bucket_that_never_fills_a_step():
+    """One bucket too small for a step of micro-batch × ranks would never be trained: one line."""
+    from types import SimpleNamespace
+
+    from ladd.config import Config
+    from ladd.train.loop import check_buckets
+
+    cfg = Config()
+    cfg.data.path = "data/x"
+    small = bk.Bucket(40, 24)
+    data = SimpleNamespace(buckets=[bk.Bucket(32, 32), small], never_visited=[(small, 3)], world_size=2, batch_size=2)
+    with pytest.raises(fmt.DataError, match=r"data/x: bucket 40x24 has 3 samples, fewer than one step's 4 "
+                                            r"\(2 per rank × 2 rank\(s\)\), so it would never be trained"):
+        check_buckets(cfg, data, 4)
+    data.never_visited = []
+    check_buckets(cfg, data, 4)  # no data.buckets: the data's own are accepted
+    cfg.data.buckets = "32x32,40x24"
+    check_buckets(cfg, data, 4)
+    cfg.data.buckets = "32x32,40x26"
+    with pytest.raises(ValueError, match="data.buckets: bucket 40x26: 26 is not a positive multiple of 4"):
+        check_buckets(cfg, data, 4)

@@ -70,6 +70,29 @@ def test_demo_judges_a_run_with_ema_by_its_ema_weights(tmp_path):
     assert row["latent_mse"] != raw_row["latent_mse"]
 
 
+@pytest.mark.slow
+def test_demo_on_buckets_reports_each_bucket(tmp_path):
+    """`ladd demo --buckets`: the data are drawn over the buckets, and report.json, the headline and
+    report.html carry each bucket's KID, gap closed and significance."""
+    from ladd.data.shards import read_manifest
+    from ladd.report import headline
+
+    build_tiny_pipeline(seed=1).save_pretrained(tmp_path / "tiny")
+    cfg = DemoConfig(out=str(tmp_path / "demo"), seeds=2, pipeline=str(tmp_path / "tiny"), n_train=16, n_eval=12,
+                     steps=2, features="random-conv", subsets=3, subset_size=3, buckets="32x32,40x24",
+                     overrides=("validation.num_prompts=2", "data.batch_per_rank=2"))
+    report = run_demo(cfg)
+    for split in ("train", "eval"):
+        assert [b["name"] for b in read_manifest(tmp_path / "demo" / "data" / split)["buckets"]] == ["32x32", "40x24"]
+    counts = {b["name"]: b["count"] for b in read_manifest(tmp_path / "demo" / "data" / "eval")["buckets"]}
+    assert set(report["buckets"]) == {"32x32", "40x24"}
+    for name, b in report["buckets"].items():
+        assert b["num_images"] == counts[name] and b["kid"]["ladd"]["n"] == 2
+        assert {"gap_closed", "ladd_vs_untrained_se", "caption_accuracy"} <= b.keys()
+        assert f"at {name}: gap closed" in headline(report)
+    assert "Per bucket" in (tmp_path / "demo" / "report.html").read_text()
+
+
 def test_guards_line_names_the_seeds_and_guards_that_fired():
     from ladd.report import guards_line
 

@@ -35,3 +35,20 @@ def test_checkpointing_cuts_activations_and_largest_batch_is_consistent():
     largest = plan(base)[1]["largest_batch_per_rank"]
     assert plan(replace(base, batch_per_rank=largest))[1]["fits"]
     assert not plan(replace(base, batch_per_rank=largest + 1))[1]["fits"]
+
+
+def test_buckets_are_sized_by_the_largest_and_listed():
+    """A multi-aspect plan needs the memory of its largest bucket (here 1344x832, more tokens than 1024²)."""
+    from ladd.data.buckets import parse_buckets
+
+    tokens = dict(plan(PlanInput(transformer_config={}, buckets=tuple(
+        b.size for b in parse_buckets("zimage-1024", 16))))[1]["bucket_tokens"])
+    assert tokens["1024x1024"] == 64 * 64 and tokens["1344x768"] == 84 * 48 and tokens["832x1216"] == 52 * 76
+    square = PlanInput(transformer_config={}, buckets=((1024, 1024),))
+    wide = replace(square, buckets=((1024, 1024), (1344, 832)))
+    rs, ss = plan(square)
+    rw, sw = plan(wide)
+    assert sw["largest_bucket"] == "1344x832" and sw["tokens"] == 84 * 52 + 256 and ss["tokens"] == 4096 + 256
+    grow = _row(rw, "activations") / _row(rs, "activations")
+    assert abs(grow - sw["tokens"] / ss["tokens"]) < 1e-9  # activations scale with the largest bucket's tokens
+    assert sw["largest_batch_per_rank"] <= ss["largest_batch_per_rank"]

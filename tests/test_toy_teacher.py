@@ -14,7 +14,7 @@ from ladd.images import to_uint8
 from ladd.models.loading import TOY_PIPELINE, load_pipeline
 from ladd.models.text import encode_prompts
 from ladd.toy import world
-from ladd.toy.build import pipeline_world
+from ladd.toy.build import pipeline_buckets, pipeline_world
 from ladd.toy.fidelity import caption_accuracy
 from ladd.models.zimage import ZImageAdapter
 from ladd.sampling import decode, euler_sample, initial_noise
@@ -31,11 +31,11 @@ def test_loads_offline_as_a_zimage_pipeline():
     assert size_mb <= 20, f"{size_mb:.1f} MB"
 
 
-def _sample(pipe, prompts, steps, guidance):
+def _sample(pipe, prompts, steps, guidance, size):
     adapter = ZImageAdapter(pipe.transformer)
     caps = encode_prompts(pipe, prompts)
     neg = encode_prompts(pipe, [""] * len(prompts)) if guidance > 0 else None
-    noise = initial_noise(pipe, list(range(len(prompts))), pipe.vae.config.sample_size)
+    noise = initial_noise(pipe, list(range(len(prompts))), size)
     sigmas = teacher_sigmas(pipe.scheduler, steps, image_seq_len(*noise.shape[-2:]))
     with torch.no_grad():
         latents = euler_sample(adapter, noise, sigmas, caps, neg, guidance=guidance)
@@ -43,12 +43,14 @@ def _sample(pipe, prompts, steps, guidance):
 
 
 @pytest.mark.slow
-def test_teacher_follows_captions_and_few_steps_lose():
+@pytest.mark.parametrize("size", pipeline_buckets("toy"), ids=lambda s: f"{s[0]}x{s[1]}")
+def test_teacher_follows_captions_and_few_steps_lose(size):
+    """At every size the teacher was built for (its build.json buckets)."""
     torch.set_num_threads(2)
     pipe = load_pipeline("toy")
     prompts = world.prompts(32, "eval", seed=7, **pipeline_world("toy"))
-    teacher = caption_accuracy(_sample(pipe, prompts, 50, 5.0), prompts)
-    few = caption_accuracy(_sample(pipe, prompts, 2, 0.0), prompts)
+    teacher = caption_accuracy(_sample(pipe, prompts, 50, 5.0, size), prompts)
+    few = caption_accuracy(_sample(pipe, prompts, 2, 0.0, size), prompts)
     # docs/toy-world.md reports the full benchmark (256 prompts); these bounds leave room for 32.
     assert teacher["background"] >= 0.9 and teacher["colours"] >= 0.8 and teacher["shapes"] >= 0.6, teacher
     assert few["all"] <= teacher["all"] - 0.1, (few, teacher)

@@ -302,12 +302,22 @@ def test_shipped_configs_load():
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1] / "configs"
-    for name in ("toy.toml", "zimage-512-1gpu.toml", "zimage-512-8gpu.toml"):
+    from ladd.data.buckets import parse_buckets
+
+    names = sorted(p.name for p in root.glob("*.toml"))
+    assert names == ["toy.toml", "zimage-1024-1gpu-lora.toml", "zimage-1024-8gpu.toml", "zimage-512-1gpu.toml",
+                     "zimage-512-8gpu.toml"]
+    for name in names:
         cfg = load_config(root / name)
         assert cfg.data.batch_per_rank >= 2  # the corrected recipe: never hinge on one sample
-    eight = load_config(root / "zimage-512-8gpu.toml")
-    assert eight.data.batch_per_rank * eight.data.grad_accum * 8 == 64
-    assert (eight.optim.lr_g, eight.optim.lr_d, eight.method.gen_update_interval) == (5e-6, 1e-5, 3)
+        if cfg.data.buckets:
+            parse_buckets(cfg.data.buckets, 16)  # Z-Image's VAE factor 8 × patch 2
+    for name in ("zimage-512-8gpu.toml", "zimage-1024-8gpu.toml"):
+        eight = load_config(root / name)
+        assert eight.data.batch_per_rank * eight.data.grad_accum * 8 == 64
+        assert (eight.optim.lr_g, eight.optim.lr_d, eight.method.gen_update_interval) == (5e-6, 1e-5, 3)
+    assert load_config(root / "zimage-1024-8gpu.toml").data.buckets == "zimage-1024"
+    assert load_config(root / "zimage-1024-1gpu-lora.toml").model.student == "lora"
 
 
 @pytest.mark.slow

@@ -523,7 +523,11 @@ class ShardDataset:
         """The next micro-batch of this rank's order (one bucket), continuing into the next epoch if needed."""
         if batch_size is not None and batch_size != self.batch_size:
             raise ValueError(f"this reader was built for micro-batches of {self.batch_size}, not {batch_size}")
-        samples = [self[i] for i in self._advance().tolist()]
+        return self.batch(self._advance().tolist())
+
+    def batch(self, indices: list[int]) -> ShardBatch:
+        """These samples as one batch (they must share a bucket)."""
+        samples = [self[i] for i in indices]
         clip = [s["clip"] for s in samples]
         return ShardBatch(
             latents=torch.stack([s["latents"] for s in samples]),

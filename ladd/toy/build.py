@@ -72,6 +72,9 @@ class ToyBuildConfig:
     axes_dims: tuple[int, int, int] = (8, 12, 12)
     text_hidden: int = 64
     steps: int = 6000  # 22.7 min of the measured 25.2-min build on 2 cores
+    # With several buckets: the first share of the steps trains on the first bucket (the square) alone,
+    # the rest on every bucket in proportion (the shapes are learnt once, then the other frames).
+    first_bucket_share: float = 0.5
     batch: int = 16  # more, smaller updates learn the world faster per sample (docs/notes/2026-11-26-toy-teacher-attempts.md)
     lr: float = 1e-3
     sigma_mean: float = 0.5  # σ ~ logit-normal(sigma_mean, 1): leans to high noise, where layout is decided
@@ -81,6 +84,8 @@ class ToyBuildConfig:
 
     def __post_init__(self):
         self.buckets = tuple((int(w), int(h)) for w, h in self.buckets)  # build.json gives lists
+        if not 0 <= self.first_bucket_share <= 1:
+            raise ValueError(f"first_bucket_share must be in [0, 1], got {self.first_bucket_share}")
         check_buckets(self.bucket_list(), self.latent_factor())
         for w, h in self.buckets:  # refuse here what scene sampling would refuse minutes later
             if self.diameter_range[1] > world.max_diameter(w / h):
@@ -221,6 +226,7 @@ def train_transformer(
     adapter.train()
     losses = []
     which = step_buckets([len(x) for x in latents], cfg.steps, cfg.seed)
+    which[: int(cfg.first_bucket_share * cfg.steps)] = 0  # one bucket: already all 0
     bar = tqdm(range(cfg.steps), desc="teacher", unit="step")
     for step in bar:
         k = which[step]

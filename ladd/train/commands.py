@@ -112,8 +112,7 @@ def doctor(cfg) -> list[tuple[str, bool, str]]:
     checks = [("config, data and teacher load and match", True, str(Path(cfg.data.path)))]
     checks += preflight.reference_checks(cfg, trainer.pipe, trainer.data)
     checks.append(preflight.micro_batch_check(cfg, trainer.data))
-    checks.append(preflight.gradient_check(cfg, trainer.student, trainer.teacher, trainer.disc,
-                                           trainer.next_micro_batches(), trainer.dist.device))
+    checks += preflight.bucket_checks(cfg, trainer)
     print(trainer.plan())
     return checks
 

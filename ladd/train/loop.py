@@ -147,10 +147,13 @@ class Trainer:
 
     # ----------------------------------------------------------------------------- one step's data
     def next_micro_batches(self) -> list[Batch]:
+        return self.micro_batches([self.data.next_batch() for _ in range(self.cfg.data.grad_accum)])
+
+    def micro_batches(self, batches: list) -> list[Batch]:
+        """Data batches (ShardBatch) as the step's micro-batches: on the device, captions dropped, paired noise."""
         cfg, out = self.cfg, []
         empty = None
-        for _ in range(cfg.data.grad_accum):
-            b = self.data.next_batch()
+        for b in batches:
             caps = [c.to(self.dist.device) for c in b.cap_feats]
             cond = (b.clip if cfg.model.text_cond == "clip" else b.pooled).to(self.dist.device)
             if cfg.data.text_dropout > 0:

@@ -42,6 +42,29 @@ def micro_batch_check(cfg: Config, data) -> Check:
             + (f"; too few: {', '.join(short)}" if short else ""))
 
 
+def bucket_checks(cfg: Config, trainer) -> list[Check]:
+    """One G-step at every bucket's shape (the first micro-batch of each bucket's samples), on a copy
+    of the student: it runs (on a GPU: fits in memory, peak reported) and gives finite, non-zero
+    gradients. A run whose largest bucket does not fit fails here, not hours into training."""
+    checks = []
+    device = trainer.dist.device
+    for bucket, members in zip(trainer.data.buckets, trainer.data.bucket_members()):
+        if len(members) < cfg.data.batch_per_rank:
+            continue  # micro_batch_check names it
+        batch = trainer.micro_batches([trainer.data.batch(members[: cfg.data.batch_per_rank])])
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        try:
+            name, ok, detail = gradient_check(cfg, trainer.student, trainer.teacher, trainer.disc, batch, device)
+        except torch.cuda.OutOfMemoryError as err:
+            checks.append((f"one step at {bucket.name} fits in memory", False, str(err).split("\n")[0]))
+            continue
+        if device.type == "cuda":
+            detail += f", peak {torch.cuda.max_memory_allocated(device) / 1e9:.1f} GB"
+        checks.append((f"{name} at {bucket.name}", ok, detail))
+    return checks
+
+
 def gradient_check(cfg: Config, student, teacher, disc, micro_batches, device: torch.device) -> Check:
     """One G-step on a throw-away copy of the student: its gradients must be finite and non-zero."""
     from ladd.train.step import LaddModels, generator_step, trainable
