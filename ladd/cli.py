@@ -66,7 +66,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     resolve_pipeline(args.pipeline)  # a missing toy teacher is one line saying how to rebuild it
     run_demo(DemoConfig(out=args.out, seeds=args.seeds, quick=args.quick, pipeline=args.pipeline,
-                        n_train=args.n_train, n_eval=args.n_eval, buckets=args.buckets))
+                        n_train=args.n_train, n_eval=args.n_eval, buckets=args.buckets, ablation=args.ablation))
     return 0
 
 
@@ -117,6 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--buckets", default=None, metavar="SPEC",
                       help="train and evaluate on aspect-ratio buckets (e.g. 'toy': 64x64, 80x48, 48x80; the "
                            "teacher must know them); results per bucket; default runs/demo-buckets")
+    demo.add_argument("--ablation", action="store_true",
+                      help="also pure LADD and distillation alone, same data and seeds (report.json `ablation`)")
     demo.add_argument("--smoke", action="store_true", help="only the seconds-long foundation smoke run")
     demo.add_argument("--seed", type=int, default=0, help="seed of the smoke run")
     demo.set_defaults(func=cmd_demo)

@@ -135,6 +135,8 @@ class MethodConfig(Section):
     """γ; adds γ/2·E‖∇D(real features)‖² to the disc loss when > 0"""
     distill_weight: float = 0.0
     """λ > 0: student inputs use the teacher's own initial noise, + λ·‖x̂0 − x0‖²"""
+    adversarial_weight: float = 1.0
+    """scale of the student's adversarial loss; 0 with distill_weight > 0 is distillation alone (an ablation)"""
     grad_clip_g: float = 1.0
     """max grad norm of the student (0 = no clipping, norm still measured)"""
     grad_clip_d: float = 1.0
@@ -147,7 +149,10 @@ class MethodConfig(Section):
         self.student_timestep_probs = tuple(float(p) for p in self.student_timestep_probs)
         self.at_least(1, "gen_update_interval")
         self.at_least(0, "disc_warmup_steps", "curriculum_warmup_steps", "r1_weight", "distill_weight",
-                      "grad_clip_g", "grad_clip_d")
+                      "adversarial_weight", "grad_clip_g", "grad_clip_d")
+        if self.adversarial_weight == 0 and self.distill_weight == 0:
+            raise ConfigError("method.adversarial_weight = 0 and method.distill_weight = 0: the student has no loss; "
+                              "set one of them above 0")
         if self.renoise_s <= 0:
             raise ConfigError(f"method.renoise_s must be > 0, got {self.renoise_s}")
         try:

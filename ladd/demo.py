@@ -45,6 +45,7 @@ class DemoConfig:
     eval_batch: int = 32
     overrides: tuple[str, ...] = ()  # extra `section.key=value` for training
     buckets: str | None = None  # aspect-ratio buckets for training and eval data (precompute --buckets); None: square
+    ablation: bool = False  # also train and score pure LADD and distillation alone (ABLATIONS) on the same seeds
 
     def __post_init__(self):
         self.seeds = self.seeds if self.seeds is not None else (1 if self.quick else 5)
@@ -109,20 +110,23 @@ def run_demo(cfg: DemoConfig) -> dict:
     base = load_config(cfg.config, list(cfg.overrides))
     ema = base.train.ema_decay > 0  # a run that keeps an EMA is judged (and exported) by it
     steps = cfg.steps or (max(base.train.steps // 3, 1) if cfg.quick else base.train.steps)
-    runs = []
-    for seed in range(cfg.seeds):
-        run = out / "runs" / f"seed-{seed}"
-        runs.append(run)
+    def trained(run: Path, seed: int, extra: tuple[str, ...] = ()) -> Path:
         latest = Checkpointer(run / "checkpoints", None).latest()
         if latest is not None and json.loads((latest / "meta.json").read_text())["step"] >= steps:
-            continue
+            return run
         with _stage(timings, "train"):
             sets = [f'model.pipeline="{cfg.pipeline}"', f'data.path="{out / "data" / "train"}"',
                     f'train.out="{run}"', f"train.seed={seed}", f"data.seed={seed}", f"train.steps={steps}",
-                    *cfg.overrides]
+                    *cfg.overrides, *extra]
             result = train(load_config(cfg.config, sets))
             if result["stopped"]:
-                print0(f"seed {seed}: training stopped early ({result['stopped']})")
+                print0(f"{run}: training stopped early ({result['stopped']})")
+        return run
+
+    runs = [trained(out / "runs" / f"seed-{seed}", seed) for seed in range(cfg.seeds)]
+    # --ablation: the same data, seeds and steps with one term of the student's loss removed.
+    ablation_runs = {name: [trained(out / "runs" / slug / f"seed-{seed}", seed, extra) for seed in range(cfg.seeds)]
+                     for name, (slug, extra) in (ABLATIONS.items() if cfg.ablation else ())}
 
     reused.update({"train", "evaluate"} - timings.keys())
 
@@ -147,6 +151,8 @@ def run_demo(cfg: DemoConfig) -> dict:
             over_steps[run.name] = [{"step": step, "kid": r["kid"]["mean"],
                                      "caption_accuracy": (r.get("caption_accuracy") or {}).get("all")}
                                     for step, r in points]
+        ablation_rows = {name: [evaluated(run / "eval.json", "run", run) for run in variant]
+                         for name, variant in ablation_runs.items()}
     earlier = json.loads((out / "report.json").read_text()).get("seconds", {}) if (out / "report.json").is_file() else {}
     reused &= earlier.keys()
     timings.update({stage: earlier[stage] for stage in reused})
@@ -154,6 +160,8 @@ def run_demo(cfg: DemoConfig) -> dict:
         report = summarize(rows, cfg, timings, steps)  # holds `timings` itself: the report stage lands too
         report["seconds_reused"] = sorted(reused)
         report["over_steps"] = over_steps
+        if ablation_rows:
+            report["ablation"] = ablation(rows, ablation_rows)
         report["train_config"] = read_config(runs[0])  # seed 0's, fully resolved
         report["method"] = method_line(report["train_config"]["method"])
         report["health"] = {run.name: replay(HealthConfig(**read_config(run)["health"]),
@@ -203,6 +211,38 @@ def summarize(rows: list[dict], cfg: DemoConfig, timings: dict, steps: int) -> d
                     "python": platform.python_version()},
     }
     return report
+
+
+# `ladd demo --ablation`: name -> (run folder, what it changes in the config).
+ABLATIONS = {
+    "pure LADD (no distillation term)": ("pure-ladd", ("method.distill_weight=0",)),
+    "distillation alone (no adversarial term)": ("distill-only", ("method.adversarial_weight=0",)),
+}
+
+
+def ablation(rows: list[dict], variants: dict[str, list[dict]]) -> dict:
+    """Each variant beside the default, on the same data, seeds and eval: its KID over seeds, gap closed,
+    significance against the untrained student, caption accuracy, and the per-seed paired difference
+    of its KID to the default's (same training seed, same eval noise)."""
+    untrained, teacher = rows[0]["untrained"], rows[0].get("teacher") or {}
+    kid_u, kid_t = untrained["kid"]["mean"], teacher.get("kid", {}).get("mean", float("nan"))
+    default = [r["rows"][0]["kid"]["mean"] for r in rows]
+    out = {}
+    for name, vrows in variants.items():
+        model = [r["rows"][0] for r in vrows]
+        kids = [m["kid"]["mean"] for m in model]
+        kid = _mean_std(kids)
+        se = kid["std"] / math.sqrt(kid["n"]) if kid["n"] > 1 else float("nan")
+        diff = _mean_std([k - d for k, d in zip(kids, default)])
+        acc = [m.get("caption_accuracy") for m in model]
+        out[name] = {
+            "kid": kid,
+            "gap_closed": (kid_u - kid["mean"]) / (kid_u - kid_t) if kid_u != kid_t else float("nan"),
+            "vs_untrained_se": (kid_u - kid["mean"]) / se if se and se > 0 else float("nan"),
+            "kid_minus_default": {**diff, "se": diff["std"] / math.sqrt(diff["n"]) if diff["n"] > 1 else float("nan")},
+            "caption_accuracy": _mean_std([a["all"] for a in acc]) if all(acc) else None,
+        }
+    return out
 
 
 def per_bucket(rows: list[dict]) -> dict:

@@ -104,6 +104,18 @@ def bucket_table(buckets: dict, fmt) -> str:
             "<th>gap closed</th><th>SE</th><th>captions teacher / untrained / LADD</th></tr>" + "".join(rows) + "</table>")
 
 
+def ablation_table(variants: dict, fmt) -> str:
+    """`ladd demo --ablation`: each loss term removed in turn, on the default's data and seeds."""
+    rows = "".join(
+        f"<tr><td>{html.escape(name)}</td><td>{fmt(v['kid']['mean'])} ± {fmt(v['kid']['std'])}</td>"
+        f"<td>{fmt(v['gap_closed'])}</td><td>{fmt(v['vs_untrained_se'])}</td>"
+        f"<td>{fmt(v['kid_minus_default']['mean'])} ± {fmt(v['kid_minus_default']['std'])}</td>"
+        f"<td>{fmt((v['caption_accuracy'] or {}).get('mean'))}</td></tr>" for name, v in variants.items())
+    return ("<h3>Ablation (same data, seeds and steps)</h3><table><tr><th>variant</th><th>KID ↓</th>"
+            "<th>gap closed</th><th>(untrained − it) / SE</th><th>KID − default's, per seed (mean ± std)</th>"
+            "<th>caption accuracy</th></tr>" + rows + "</table>")
+
+
 def render_html(r: dict, grid: str, runs: list[Path]) -> str:
     def fmt(x):
         return "—" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.4f}"
@@ -125,6 +137,8 @@ def render_html(r: dict, grid: str, runs: list[Path]) -> str:
 <b>{fmt(r['ladd_vs_untrained_se'])}</b></p>"""
     if r.get("buckets"):
         table += bucket_table(r["buckets"], fmt)
+    if r.get("ablation"):
+        table += ablation_table(r["ablation"], fmt)
     reused = set(r.get("seconds_reused", []))
     timing = "".join(f"<tr><td>{name}</td><td>{sec:.0f} s{' (reused: an earlier run did this stage)' if name in reused else ''}"
                      f"</td></tr>" for name, sec in r["seconds"].items())

@@ -93,6 +93,34 @@ def test_demo_on_buckets_reports_each_bucket(tmp_path):
     assert "Per bucket" in (tmp_path / "demo" / "report.html").read_text()
 
 
+@pytest.mark.slow
+def test_demo_ablation_trains_each_variant_on_the_same_seeds(tmp_path):
+    """`ladd demo --ablation`: pure LADD and distillation alone beside the default, same data and seeds,
+    each with its KID, gap closed and per-seed difference to the default; the default's runs are reused."""
+    from ladd.demo import ABLATIONS
+    from ladd.train.checkpoint import read_config
+
+    build_tiny_pipeline(seed=1).save_pretrained(tmp_path / "tiny")
+    common = dict(out=str(tmp_path / "demo"), seeds=2, pipeline=str(tmp_path / "tiny"), n_train=8, n_eval=8,
+                  steps=2, features="random-conv", subsets=3, subset_size=4, overrides=("validation.num_prompts=2",))
+    plain = run_demo(DemoConfig(**common))
+    report = run_demo(DemoConfig(**common, ablation=True))
+    assert report["kid"]["ladd"] == plain["kid"]["ladd"]  # the default's runs and rows are reused
+    assert set(report["ablation"]) == set(ABLATIONS)
+    for name, (slug, _) in ABLATIONS.items():
+        v = report["ablation"][name]
+        assert v["kid"]["n"] == 2 and v["kid_minus_default"]["n"] == 2
+        runs = [tmp_path / "demo" / "runs" / slug / f"seed-{s}" for s in range(2)]
+        kids = [json.loads((r / "eval.json").read_text())["rows"][0]["kid"]["mean"] for r in runs]
+        default = [json.loads((tmp_path / "demo" / "runs" / f"seed-{s}" / "eval.json").read_text())["rows"][0]["kid"]["mean"]
+                   for s in range(2)]
+        assert v["kid_minus_default"]["mean"] == pytest.approx(sum(k - d for k, d in zip(kids, default)) / 2)
+        method = read_config(runs[0])["method"]
+        assert (method["distill_weight"], method["adversarial_weight"]) == (
+            (0.0, 1.0) if slug == "pure-ladd" else (10.0, 0.0))
+    assert "Ablation (same data, seeds and steps)" in (tmp_path / "demo" / "report.html").read_text()
+
+
 def test_guards_line_names_the_seeds_and_guards_that_fired():
     from ladd.report import guards_line
 

@@ -158,13 +158,15 @@ def test_disc_warmup_holds_the_student_then_keeps_the_interval(setup):
         MethodConfig(disc_warmup_steps=-1)
 
 
-def test_distillation_uses_the_teacher_noise_and_adds_the_regression(setup):
+@pytest.mark.parametrize("adversarial", [1.0, 0.0])
+def test_distillation_uses_the_teacher_noise_and_adds_the_regression(setup, adversarial):
     """method.distill_weight λ: the student input is (1 − t)·x0 + t·ε_T with x0's own initial noise ε_T,
-    and the student's gradient is that of g_loss + λ·mean((x̂0 − x0)²), computed here by hand."""
+    and the student's gradient is that of a·g_loss + λ·mean((x̂0 − x0)²), computed here by hand
+    (a = method.adversarial_weight; 0 is the ablation "distillation alone")."""
     models, batch, opt_g, opt_d = setup
     pair_eps = torch.randn(batch.x0.shape, generator=torch.Generator().manual_seed(9))
     paired = Batch(batch.x0, batch.cap_feats, batch.text_cond, pair_eps)
-    cfg = MethodConfig(distill_weight=2.0, student_timestep_probs=(0, 0, 0, 1.0))
+    cfg = MethodConfig(distill_weight=2.0, adversarial_weight=adversarial, student_timestep_probs=(0, 0, 0, 1.0))
     # By hand, on a copy of the student, from the same random draws.
     t, _, t_hat, eps1, _ = draw_noise(paired, 0, cfg, torch.Generator().manual_seed(4))
     ref = copy.deepcopy(models.student)
@@ -173,7 +175,7 @@ def test_distillation_uses_the_teacher_noise_and_adds_the_regression(setup):
     feats = models.teacher(interpolate(x0_hat, eps1, t_hat), t_hat, batch.cap_feats, taps=models.disc.layers,
                            velocity=False).feats
     mse = (x0_hat - batch.x0).square().mean()
-    (-models.disc(feats, t_hat, batch.text_cond).mean() + 2.0 * mse).backward()
+    (-adversarial * models.disc(feats, t_hat, batch.text_cond).mean() + 2.0 * mse).backward()
     want = [p.grad for p in trainable(ref)]
     spy, got, opt_step = Spy(models.student), [], opt_g.step
     opt_g.step = lambda *a: (got.extend(p.grad.clone() for p in trainable(models.student)), opt_step(*a))
@@ -188,6 +190,8 @@ def test_distillation_uses_the_teacher_noise_and_adds_the_regression(setup):
     torch.testing.assert_close(spy.calls[0]["x"], x_t)
     with pytest.raises(ConfigError, match="distill_weight must be >= 0"):
         MethodConfig(distill_weight=-1)
+    with pytest.raises(ConfigError, match="the student has no loss"):
+        MethodConfig(adversarial_weight=0)
 
 
 def test_d_step_moves_only_the_disc_and_r1(setup):

@@ -194,6 +194,8 @@ def generator_step(
         with frozen(disc):
             fake_logits = disc(fake_feats, t_hat, batch.text_cond)
             loss = losses.g_loss(fake_logits, cfg.loss, cfg.aggregate)
+            if cfg.adversarial_weight != 1.0:  # the ablation "distillation alone" sets 0
+                loss = cfg.adversarial_weight * loss
             if cfg.distill_weight > 0:
                 distill = (x0_hat - batch.x0).square().mean()
                 loss = loss + cfg.distill_weight * distill
