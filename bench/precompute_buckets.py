@@ -25,8 +25,9 @@ from pathlib import Path
 import torch
 
 from ladd.data.buckets import parse_buckets
-from ladd.data.precompute import PrecomputeConfig, run_precompute, vae_factor
+from ladd.data.precompute import PrecomputeConfig, run_precompute
 from ladd.data.shards import read_manifest
+from ladd.models.loading import vae_factor
 
 
 def tokens_of(out: Path, padded: bool = False) -> int:

@@ -72,7 +72,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 # Modules that add their own sub-command: each exposes `add_parser(sub)` which registers a parser
 # whose default `func(args) -> int` runs it. Imported lazily inside `func`, so `ladd --help` is fast.
-COMMAND_MODULES: list[str] = ["ladd.data.precompute", "ladd.train.commands", "ladd.eval.commands", "ladd.sweep",
+COMMAND_MODULES: list[str] = ["ladd.data.commands", "ladd.train.commands", "ladd.eval.commands", "ladd.sweep",
                               "ladd.plan"]
 
 

@@ -76,6 +76,14 @@ def _mean_std(values: list[float]) -> dict:
     return {"mean": mean, "std": std, "n": n}
 
 
+def gap_and_significance(kid_u: float, kid_t: float, kid: dict) -> tuple[float, float]:
+    """(gap closed, (untrained − it) / SE over seeds) of a student's KID over seeds (`_mean_std`) against
+    the untrained student's and the teacher's; NaN where undefined (teacher = untrained, one seed)."""
+    se = kid["std"] / math.sqrt(kid["n"]) if kid["n"] > 1 else float("nan")
+    gap = (kid_u - kid["mean"]) / (kid_u - kid_t) if kid_u != kid_t else float("nan")
+    return gap, (kid_u - kid["mean"]) / se if se and se > 0 else float("nan")
+
+
 def run_demo(cfg: DemoConfig) -> dict:
     from ladd.config import HealthConfig, load_config
     from ladd.data.precompute import PrecomputeConfig, run_precompute
@@ -180,7 +188,7 @@ def summarize(rows: list[dict], cfg: DemoConfig, timings: dict, steps: int) -> d
     untrained, teacher = rows[0]["untrained"], rows[0].get("teacher") or {}
     kid_ladd = _mean_std([m["kid"]["mean"] for m in model])
     kid_u, kid_t = untrained["kid"]["mean"], teacher.get("kid", {}).get("mean", float("nan"))
-    se = kid_ladd["std"] / math.sqrt(kid_ladd["n"]) if kid_ladd["n"] > 1 else float("nan")
+    gap, significance = gap_and_significance(kid_u, kid_t, kid_ladd)
     acc = [m.get("caption_accuracy") for m in model]
 
     def acc_of(row):
@@ -201,8 +209,8 @@ def summarize(rows: list[dict], cfg: DemoConfig, timings: dict, steps: int) -> d
         "latent_mse": {"untrained": untrained.get("latent_mse"),
                        "ladd": _mean_std([m["latent_mse"] for m in model if m.get("latent_mse") is not None])
                        if any(m.get("latent_mse") is not None for m in model) else None},
-        "gap_closed": (kid_u - kid_ladd["mean"]) / (kid_u - kid_t) if kid_u != kid_t else float("nan"),
-        "ladd_vs_untrained_se": (kid_u - kid_ladd["mean"]) / se if se and se > 0 else float("nan"),
+        "gap_closed": gap,
+        "ladd_vs_untrained_se": significance,
         "train_steps": steps,
         **({"buckets": per_bucket(rows)} if "buckets" in model[0] else {}),
         "config": {**asdict(cfg)},
@@ -232,13 +240,13 @@ def ablation(rows: list[dict], variants: dict[str, list[dict]]) -> dict:
         model = [r["rows"][0] for r in vrows]
         kids = [m["kid"]["mean"] for m in model]
         kid = _mean_std(kids)
-        se = kid["std"] / math.sqrt(kid["n"]) if kid["n"] > 1 else float("nan")
+        gap, significance = gap_and_significance(kid_u, kid_t, kid)
         diff = _mean_std([k - d for k, d in zip(kids, default)])
         acc = [m.get("caption_accuracy") for m in model]
         out[name] = {
             "kid": kid,
-            "gap_closed": (kid_u - kid["mean"]) / (kid_u - kid_t) if kid_u != kid_t else float("nan"),
-            "vs_untrained_se": (kid_u - kid["mean"]) / se if se and se > 0 else float("nan"),
+            "gap_closed": gap,
+            "vs_untrained_se": significance,
             "kid_minus_default": {**diff, "se": diff["std"] / math.sqrt(diff["n"]) if diff["n"] > 1 else float("nan")},
             "caption_accuracy": _mean_std([a["all"] for a in acc]) if all(acc) else None,
         }
@@ -257,13 +265,13 @@ def per_bucket(rows: list[dict]) -> dict:
             continue
         kid = _mean_std([b["kid"]["mean"] for b in ladd])
         kid_u, kid_t = u["kid"]["mean"], (t.get("kid") or {}).get("mean", float("nan"))
-        se = kid["std"] / math.sqrt(kid["n"]) if kid["n"] > 1 else float("nan")
+        gap, significance = gap_and_significance(kid_u, kid_t, kid)
         acc = [b.get("caption_accuracy") for b in ladd]
         out[name] = {
             "num_images": u["num_images"],
             "kid": {"teacher": kid_t, "untrained": kid_u, "ladd": kid},
-            "gap_closed": (kid_u - kid["mean"]) / (kid_u - kid_t) if kid_u != kid_t else float("nan"),
-            "ladd_vs_untrained_se": (kid_u - kid["mean"]) / se if se and se > 0 else float("nan"),
+            "gap_closed": gap,
+            "ladd_vs_untrained_se": significance,
             "caption_accuracy": {"teacher": (t.get("caption_accuracy") or {}).get("all"),
                                  "untrained": (u.get("caption_accuracy") or {}).get("all"),
                                  "ladd": _mean_std([a["all"] for a in acc]) if all(acc) else None},

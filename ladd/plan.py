@@ -163,12 +163,12 @@ def transformer_config_of(pipeline: str) -> dict:
 
 def vae_factor_of(pipeline: str) -> int:
     """The pipeline's VAE downsampling factor; Z-Image's 8 if the folder is absent."""
-    from ladd.models.loading import TOY_PIPELINE
+    from ladd.models.loading import PipelineError, vae_factor
 
-    path = (TOY_PIPELINE if pipeline == "toy" else Path(pipeline)) / "vae" / "config.json"
-    if path.is_file():
-        return 2 ** (len(json.loads(path.read_text())["block_out_channels"]) - 1)
-    return 8
+    try:
+        return vae_factor(pipeline)[0]
+    except (PipelineError, OSError):
+        return 8
 
 
 def add_parser(sub) -> None:

@@ -3,9 +3,6 @@ bit-identical on 1 and 2 ranks, eval reports each bucket, and an exported studen
 bucket through plain ZImagePipeline equals `ladd generate`."""
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -16,8 +13,8 @@ from ladd.config import load_config
 from ladd.data.precompute import PrecomputeConfig, run_precompute
 from ladd.data.shards import DataError
 from ladd.models.tiny import build_tiny_pipeline
-from ladd.train.checkpoint import Checkpointer, load_weights
-from tests.worlds import PROMPTS, train_overrides
+from ladd.train.checkpoint import Checkpointer
+from tests.worlds import PROMPTS, assert_same_weights, run_train, train_overrides
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -51,23 +48,7 @@ def overrides(world, out, steps=6, **extra):
 
 
 def run_cli(args, nproc=1, fault=None, check=True):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    if fault:
-        env["LADD_FAULT"] = fault
-    launcher = [sys.executable, "-m", "ladd"] if nproc == 1 else [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), "-m", "ladd"]
-    proc = subprocess.run(launcher + ["train"] + [a for o in args for a in ("--set", o)], env=env,
-                          capture_output=True, text=True, timeout=TIMEOUT)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    return proc
-
-
-def same_weights(a, b, step):
-    for part in ("student", "disc"):
-        x = load_weights(a / "checkpoints" / f"step-{step:08d}", part)
-        y = load_weights(b / "checkpoints" / f"step-{step:08d}", part)
-        assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x), part
+    return run_train(args, nproc, TIMEOUT, fault, check)
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +89,7 @@ def test_resume_on_buckets_is_bit_identical(world, run):
     proc = run_cli(overrides(world, out), fault="step:5", check=False)
     assert proc.returncode == -9
     assert "resumed from" in run_cli(overrides(world, out)).stdout
-    same_weights(run, out, 6)
+    assert_same_weights(run, out, 6)
 
 
 @pytest.mark.slow
@@ -118,7 +99,7 @@ def test_two_ranks_share_each_step_bucket_and_resume_bit_identically(world):
     proc = run_cli(overrides(world, out), nproc=2, fault="sigterm:3")
     assert "preempted (SIGTERM) at step 3" in proc.stdout
     assert "resumed from" in run_cli(overrides(world, out), nproc=2).stdout
-    same_weights(ref, out, 6)
+    assert_same_weights(ref, out, 6)
 
 
 def test_data_and_config_buckets_must_agree(world):

@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ladd.cli import main
+from tests.clitools import error_lines, run_cli
 from ladd.data import buckets as bk
 from ladd.data import shards as fmt
 from ladd.data.shards import ShardDataset
@@ -33,16 +34,6 @@ def _jsonl(path: Path, prompts, sizes) -> Path:
         lines.append(json.dumps(obj))
     path.write_text("\n".join(lines) + "\n")
     return path
-
-
-def _run(capsys, *args) -> tuple[int, str, str]:
-    rc = main([str(a) for a in args])
-    out = capsys.readouterr()
-    return rc, out.out, out.err
-
-
-def _error_lines(err: str) -> list[str]:
-    return [line for line in err.splitlines() if line.startswith("ladd ")]
 
 
 @pytest.fixture(scope="module")
@@ -135,7 +126,7 @@ def test_shards_hold_one_bucket_and_the_manifest_counts_them(bucketed, capsys):
         seen += idx
     assert sorted(seen) == list(range(len(PROMPTS)))
     assert sorted(p.name for p in (out / fmt.IMAGES).iterdir()) == [fmt.image_name(i) for i in range(5)]
-    rc, stdout, err = _run(capsys, "data", "check", out)
+    rc, stdout, err = run_cli(capsys, "data", "check", out)
     assert rc == 0 and err == "" and "buckets 32x32 ×" in stdout
 
 
@@ -149,17 +140,17 @@ def test_data_check_names_a_shard_of_the_wrong_shape(bucketed, tmp_path, capsys)
     save_file(t, bad / entry["file"])
     entry |= {"sha256": fmt.sha256_file(bad / entry["file"]), "bytes": (bad / entry["file"]).stat().st_size}
     (bad / fmt.MANIFEST).write_text(json.dumps(manifest))
-    rc, _, err = _run(capsys, "data", "check", bad)
+    rc, _, err = run_cli(capsys, "data", "check", bad)
     assert rc == 1 and err.strip() == (f"ladd data check: {entry['file']}: latents has shape "
                                        f"{tuple(t['latents'].shape)}, expected {(entry['count'], 16, 12, 20)}")
 
 
 def test_a_rerun_with_other_buckets_is_refused(bucketed, capsys):
     out, args = bucketed
-    rc, stdout, _ = _run(capsys, *args)
+    rc, stdout, _ = run_cli(capsys, *args)
     assert rc == 0 and "nothing to do" in stdout
-    rc, _, err = _run(capsys, *args, "--buckets", "32x32,40x24,24x40:2")
-    assert rc == 2 and len(_error_lines(err)) == 1 and "--buckets differs" in err
+    rc, _, err = run_cli(capsys, *args, "--buckets", "32x32,40x24,24x40:2")
+    assert rc == 2 and len(error_lines(err)) == 1 and "--buckets differs" in err
 
 
 def test_bad_bucket_input_is_one_line_and_writes_nothing(tiny_dir, tmp_path, capsys):
@@ -182,15 +173,15 @@ def test_bad_bucket_input_is_one_line_and_writes_nothing(tiny_dir, tmp_path, cap
         (["--prompts", tmp_path / "half.jsonl", "--buckets", "32x32"], 'half.jsonl:1: "width" without "height"'),
     ]
     for args, message in cases:
-        rc, _, err = _run(capsys, "precompute", "--pipeline", tiny_dir, "--out", out, *args)
-        lines = _error_lines(err)
+        rc, _, err = run_cli(capsys, "precompute", "--pipeline", tiny_dir, "--out", out, *args)
+        lines = error_lines(err)
         assert rc == 2 and len(lines) == 1 and message in lines[0], (args, err)
         assert not out.exists()
 
 
 def test_sizes_from_the_file_alone_make_the_buckets(tiny_dir, tmp_path, capsys):
     prompts = _jsonl(tmp_path / "p.jsonl", ["a", "b", "c"], {0: (24, 40), 1: (32, 32), 2: (24, 40)})
-    rc, _, err = _run(capsys, "precompute", "--pipeline", tiny_dir, "--prompts", prompts, "--out", tmp_path / "o",
+    rc, _, err = run_cli(capsys, "precompute", "--pipeline", tiny_dir, "--prompts", prompts, "--out", tmp_path / "o",
                       "--steps", 1)
     assert rc == 0, err
     m = fmt.read_manifest(tmp_path / "o")
@@ -278,14 +269,14 @@ def test_format_1_data_is_still_read(bucketed, tiny_dir, tmp_path, capsys):
     m["storage"]["latent_shape"] = m.pop("buckets")[0]["latent_shape"]
     m["prompts"]["sha256"] = fmt.sha256_file(old / fmt.PROMPTS)
     (old / fmt.MANIFEST).write_text(json.dumps(m))
-    rc, stdout, err = _run(capsys, "data", "check", old)
+    rc, stdout, err = run_cli(capsys, "data", "check", old)
     assert rc == 0 and err == "" and "32x32 ×5" in stdout
     a, b = ShardDataset(old, batch_size=2, seed=1), ShardDataset(new, batch_size=2, seed=1)
     assert [x.name for x in a.buckets] == ["32x32"]
     assert torch.equal(a.epoch_batches(0), b.epoch_batches(0))
     for i in range(5):
         assert torch.equal(a[i]["latents"], b[i]["latents"]) and a[i]["seed"] == b[i]["seed"]
-    rc, _, err = _run(capsys, "precompute", "--pipeline", tiny_dir, "--prompts", prompts, "--out", old, "--steps", 1,
+    rc, _, err = run_cli(capsys, "precompute", "--pipeline", tiny_dir, "--prompts", prompts, "--out", old, "--steps", 1,
                       "--shard-size", 2)
     assert rc == 2 and "holds format-1 data" in err
 

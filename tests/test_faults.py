@@ -5,19 +5,17 @@ survivors exit within seconds naming it; the rerun resumes exactly), a non-finit
 rank stops at the same step, no hang). docs/training.md "Faults" lists each with its test."""
 
 import json
-import os
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
-import torch
 
 from ladd.cli import main
 from ladd.config import load_config
-from ladd.train.checkpoint import Checkpointer, load_weights
-from tests.worlds import make_train_world, train_overrides
+from ladd.train.checkpoint import Checkpointer
+from tests.worlds import assert_same_weights as same_weights
+from tests.worlds import make_train_world, run_train, train_command, train_env, train_overrides
 
 STEPS = 8
 TIMEOUT = 180  # seconds: no test here may hang
@@ -32,29 +30,12 @@ def overrides(root, out, steps=STEPS, **extra):
     return train_overrides(root, out, steps, **extra)
 
 
-def command(args, nproc):
-    launcher = [sys.executable, "-m", "ladd"] if nproc == 1 else [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), "-m", "ladd"]
-    return launcher + ["train"] + [a for o in args for a in ("--set", o)]
-
-
-def env(fault=None):
-    extra = {"LADD_FAULT": fault} if fault else {}
-    return {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **extra}
-
-
 def run(args, nproc=2, fault=None, check=True):
-    proc = subprocess.run(command(args, nproc), env=env(fault), capture_output=True, text=True, timeout=TIMEOUT)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    return proc
+    return run_train(args, nproc, TIMEOUT, fault, check)
 
 
 def assert_same_weights(a, b, step=STEPS):
-    for part in ("student", "disc"):
-        wa = load_weights(a / "checkpoints" / f"step-{step:08d}", part)
-        wb = load_weights(b / "checkpoints" / f"step-{step:08d}", part)
-        assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa), part
+    same_weights(a, b, step)
 
 
 @pytest.fixture(scope="module")
@@ -112,7 +93,7 @@ def test_sigterm_to_torchrun_resumes_bit_identically(world, reference):
     """SIGTERM to torchrun (as SLURM sends it) mid-training: both workers finish their step, agree,
     checkpoint and exit 0; rerunning the same command ends with the unbroken run's weights."""
     out = world / "torchrun-sigterm"
-    proc = subprocess.Popen(command(overrides(world, out), 2), env=env(), stdout=subprocess.PIPE,
+    proc = subprocess.Popen(train_command(overrides(world, out), 2), env=train_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.monotonic() + TIMEOUT

@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 
 from ladd import files
 from ladd.cli import main
+from tests.clitools import error_lines, run_cli
 from ladd.data import shards as fmt
 from ladd.data.prompts import PromptFileError, read_prompts
 from ladd.models.text import encode_prompts
@@ -32,16 +33,6 @@ SEVEN = [f"prompt number {i} " + "word " * (i * 3 % 7) for i in range(7)]
 def _write(path: Path, lines: list[str]) -> Path:
     path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
     return path
-
-
-def _cli(capsys, *args) -> tuple[int, str, str]:
-    rc = main([str(a) for a in args])
-    captured = capsys.readouterr()
-    return rc, captured.out, captured.err
-
-
-def _error_lines(err: str) -> list[str]:
-    return [line for line in err.splitlines() if line.startswith("ladd ")]  # not libraries' progress bars
 
 
 def _files(root: Path) -> dict[str, bytes]:
@@ -73,7 +64,7 @@ def reference(tiny_pipe):
 def test_latents_equal_zimage_pipeline(reference, tiny_dir, tmp_path, capsys, batch_size):
     """Each stored latent == ZImagePipeline(prompt alone, generator seed + i, output_type="latent")."""
     prompts = _write(tmp_path / "p.txt", PROMPTS)
-    rc, out, _ = _cli(capsys, "precompute", "--pipeline", tiny_dir, "--prompts", prompts, "--out", tmp_path / "o",
+    rc, out, _ = run_cli(capsys, "precompute", "--pipeline", tiny_dir, "--prompts", prompts, "--out", tmp_path / "o",
                       "--steps", 20, "--guidance", 5.0, "--negative-prompt", "blurry", "--seed", 7,
                       "--batch-size", batch_size, "--shard-size", 3)
     assert rc == 0 and "1 longer than 512 tokens truncated" in out
@@ -137,11 +128,11 @@ def test_decode_first_writes_the_teacher_images(seven, tiny_pipe):
 def test_rerun_does_nothing_and_changed_argument_is_refused(seven, capsys):
     out, args = seven
     before = _files(out)
-    rc, stdout, _ = _cli(capsys, *args)
+    rc, stdout, _ = run_cli(capsys, *args)
     assert rc == 0 and "nothing to do" in stdout and _files(out) == before
-    rc, _, err = _cli(capsys, *args, "--steps", 5)  # argparse: the last --steps wins
-    assert rc == 2 and len(_error_lines(err)) == 1 and "--steps differs" in err and "--steps 4," in err
-    rc, _, err = _cli(capsys, *args, "--negative-prompt", "ugly")
+    rc, _, err = run_cli(capsys, *args, "--steps", 5)  # argparse: the last --steps wins
+    assert rc == 2 and len(error_lines(err)) == 1 and "--steps differs" in err and "--steps 4," in err
+    rc, _, err = run_cli(capsys, *args, "--negative-prompt", "ugly")
     assert rc == 2 and "--negative-prompt differs" in err
     assert _files(out) == before
 
@@ -167,7 +158,7 @@ def test_resume_after_a_kill(seven, tmp_path, capsys, monkeypatch):
     assert not fmt.read_manifest(out, require_complete=False)["complete"]
     (out / "shard-00001.safetensors.tmp").write_bytes(b"half a shard")  # a write cut short
     first = (out / "shard-00000.safetensors").stat().st_mtime_ns
-    rc, stdout, _ = _cli(capsys, *args)
+    rc, stdout, _ = run_cli(capsys, *args)
     assert rc == 0 and "resuming: 1 of 3 shards already written (first missing: shard 1)" in stdout
     assert "precompute: 4 images" in stdout  # shards 1 and 2 only
     assert (out / "shard-00000.safetensors").stat().st_mtime_ns == first
@@ -200,9 +191,9 @@ def test_out_of_disk_leaves_no_half_shard(tiny_dir, tmp_path, capsys, monkeypatc
     out = tmp_path / "out"
     real = files._write_chunks
     monkeypatch.setattr(files, "_write_chunks", lambda f, d: (disk_full if len(d) > 5000 else real)(f, d))
-    rc, _, err = _cli(capsys, "precompute", "--pipeline", tiny_dir, "--prompts", prompts, "--out", out, "--steps", 2)
+    rc, _, err = run_cli(capsys, "precompute", "--pipeline", tiny_dir, "--prompts", prompts, "--out", out, "--steps", 2)
     assert rc == 2 and "No space left on device" in err and "shard-00000.safetensors" in err
-    assert len(_error_lines(err)) == 1 and "No space left" in _error_lines(err)[0]
+    assert len(error_lines(err)) == 1 and "No space left" in error_lines(err)[0]
     assert not list(out.glob("shard-*")) and not list(out.glob("*.tmp"))
 
 
@@ -223,7 +214,7 @@ def test_clip_embeddings(tiny_dir, tmp_path, capsys):
     model.save_pretrained(tmp_path / "clip")
     tokenizer.save_pretrained(tmp_path / "clip")
     prompts = _write(tmp_path / "p.txt", PROMPTS[:2] + ["cat"])
-    rc, _, err = _cli(capsys, "precompute", "--pipeline", tiny_dir, "--prompts", prompts, "--out", tmp_path / "o",
+    rc, _, err = run_cli(capsys, "precompute", "--pipeline", tiny_dir, "--prompts", prompts, "--out", tmp_path / "o",
                       "--steps", 2, "--batch-size", 3, "--clip", tmp_path / "clip")
     assert rc == 0, err
     clip = load_file(tmp_path / "o" / fmt.shard_name(0))["clip"]
@@ -240,10 +231,10 @@ def test_bad_input_is_one_line(tiny_dir, tmp_path, capsys):
     out = tmp_path / "out"
 
     def run(*args):
-        return _cli(capsys, "precompute", "--out", out, *args)
+        return run_cli(capsys, "precompute", "--out", out, *args)
 
     rc, _, err = run("--pipeline", tmp_path / "nope", "--prompts", good)
-    assert rc == 2 and "no such folder" in err and len(_error_lines(err)) == 1
+    assert rc == 2 and "no such folder" in err and len(error_lines(err)) == 1
     other = tmp_path / "sd"
     other.mkdir()
     (other / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))

@@ -24,12 +24,9 @@ prompts are tokenised to their longest, not to 512; no decode.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
-import os
 import signal
-import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -42,7 +39,7 @@ from ladd import distributed
 from ladd.data import buckets as bk
 from ladd.data import shards as fmt
 from ladd.data.prompts import PromptFile, PromptFileError, read_prompts
-from ladd.models.loading import PipelineError, resolve_pipeline
+from ladd.models.loading import resolve_pipeline, vae_factor
 from ladd.models.text import token_lengths
 
 MAX_SEQUENCE_LENGTH = 512  # ZImagePipeline's default: longer prompts are truncated to it
@@ -100,13 +97,6 @@ class PrecomputeSummary:
 
 # --------------------------------------------------------------------------------------------------
 # checks that run before any work
-
-
-def vae_factor(pipeline: str) -> tuple[int, int]:
-    """(VAE downsampling factor, the pixel multiple every side must be: that factor × the 2×2 patches)."""
-    vae = json.loads((resolve_pipeline(pipeline) / "vae" / "config.json").read_text())
-    scale = 2 ** (len(vae["block_out_channels"]) - 1)
-    return scale, scale * 2
 
 
 def resolve_resolution(pipeline: str, resolution: int | None) -> int:
@@ -313,7 +303,7 @@ class _StopRequests:
             signal.signal(s, handler)
 
 
-class _Refused(PrecomputeError):
+class Refused(PrecomputeError):
     """On ranks other than 0 when rank 0 refused the job (rank 0 prints why)."""
 
 
@@ -471,10 +461,11 @@ def _run(cfg, out: Path, buckets: list[bk.Bucket], assignment: np.ndarray, promp
             status, error = 2, err
     status = ranks.broadcast0(status)
     if status == 2:
-        raise error if error is not None else _Refused("rank 0 refused the job")
+        raise error if error is not None else Refused("rank 0 refused the job")
     manifest = fmt.read_manifest(out, require_complete=False)
     entries = manifest["shards"]
-    samples = fmt.layout(out, manifest).shard_samples  # each shard's sample indices
+    where = fmt.layout(out, manifest)
+    samples = where.shard_samples  # each shard's sample indices
 
     # Shards are dealt round-robin: shard k belongs to rank k % world, whatever was done before.
     mine = [k for k in range(len(entries)) if k % ranks.world == ranks.rank]
@@ -517,7 +508,7 @@ def _run(cfg, out: Path, buckets: list[bk.Bucket], assignment: np.ndarray, promp
                 e, path = entries[k], out / entries[k]["file"]
                 if k in todo:
                     ids = samples[k].tolist()
-                    bucket = buckets[[b.name for b in buckets].index(e["bucket"])]
+                    bucket = where.buckets[where.shard_bucket[k]]
                     tensors = teacher.shard([prompts.prompts[i] for i in ids], [cfg.seed + i for i in ids], bucket,
                                             bar, stop)
                     if stopped := tensors is None:  # abandoned between batches: nothing of it was written
@@ -586,75 +577,3 @@ def _finalise(out: Path, manifest: dict) -> None:
     fmt.write_json(out / fmt.MANIFEST, manifest)
     for e in manifest["shards"]:
         (out / (e["file"] + ".sha256")).unlink(missing_ok=True)
-
-
-# --------------------------------------------------------------------------------------------------
-# command line
-
-
-def add_parser(sub) -> None:
-    p = sub.add_parser("precompute", help="teacher latents and conditioning, sharded and resumable",
-                       description="Teacher latents (ZImagePipeline-exact) and conditioning, sharded, resumable.")
-    p.add_argument("--pipeline", required=True, help="a diffusers ZImagePipeline folder, or 'toy'")
-    p.add_argument("--prompts", required=True, help=".txt (one per line), .jsonl/.csv/.parquet (field 'prompt')")
-    p.add_argument("--out", required=True, help="output folder (rerun the same command to resume)")
-    p.add_argument("--resolution", type=int, default=None,
-                   help="one square size in pixels (default 512, or the VAE's sample_size when smaller)")
-    p.add_argument("--buckets", default=None, metavar="SPEC",
-                   help="aspect-ratio buckets: zimage-1024, zimage-512, toy, or WxH[:weight],... (width x height); "
-                        "prompts without their own width/height get a seeded draw")
-    p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--guidance", type=float, default=5.0)
-    p.add_argument("--negative-prompt", default="")
-    p.add_argument("--seed", type=int, default=0, help="sample i uses seed + i")
-    p.add_argument("--batch-size", type=int, default=8, help="prompts per forward; never changes the output")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="storage of latents and cap_feats")
-    p.add_argument("--decode-first", type=int, default=0, metavar="K", help="also write the first K images as PNG")
-    p.add_argument("--clip", default=None, metavar="DIR", help="CLIPTextModelWithProjection folder: store text_embeds")
-    p.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
-    p.add_argument("--compile", action="store_true",
-                   help="torch.compile the transformer blocks (GPU speed; latents equal within float tolerance)")
-    p.set_defaults(func=cmd_precompute)
-
-    data = sub.add_parser("data", help="check a precomputed dataset")
-    data_sub = data.add_subparsers(dest="data_command", metavar="<data command>")
-    check = data_sub.add_parser("check", help="checksums, shapes, counts and finite values of teacher data")
-    check.add_argument("dir")
-    check.set_defaults(func=cmd_data_check)
-
-
-def cmd_precompute(args: argparse.Namespace) -> int:
-    try:
-        cfg = PrecomputeConfig(
-            pipeline=args.pipeline, prompts=args.prompts, out=args.out, resolution=args.resolution,
-            buckets=args.buckets,
-            steps=args.steps, guidance=args.guidance, negative_prompt=args.negative_prompt, seed=args.seed,
-            batch_size=args.batch_size, dtype=args.dtype, decode_first=args.decode_first, clip=args.clip,
-            shard_size=args.shard_size, compile=args.compile,
-        )
-        run_precompute(cfg)
-    except _Refused:
-        return 2
-    except (PrecomputeError, PipelineError, fmt.DataError) as err:
-        if int(os.environ.get("RANK", 0)) == 0:  # every rank hits the same check; one says it
-            print(f"ladd precompute: error: {err}", file=sys.stderr)
-        return 2
-    return 0
-
-
-def cmd_data_check(args: argparse.Namespace) -> int:
-    problems = fmt.check_dataset(args.dir)
-    for line in problems:
-        print(f"ladd data check: {line}", file=sys.stderr)
-    if any(line.startswith("shard-") for line in problems):
-        print(f"to repair: rerun the `ladd precompute` command that made {args.dir} (same arguments); it "
-              f"verifies the written shards and rewrites only the damaged or missing ones")
-    if problems:
-        return 1
-    m = fmt.read_manifest(args.dir)
-    where = fmt.layout(args.dir, m)
-    total = sum(s["bytes"] for s in m["shards"])
-    print(f"ok: {m['num_samples']} samples in {len(m['shards'])} shards ({total:,} bytes), "
-          f"teacher {m['teacher']['fingerprint'][:19]}…, buckets "
-          + ", ".join(f"{b.name} ×{n}" for b, n in zip(where.buckets, where.bucket_counts())))
-    return 0

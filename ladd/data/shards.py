@@ -215,6 +215,7 @@ class Layout(NamedTuple):
     latent_shapes: list[tuple[int, int, int]]  # per bucket, (C, H, W)
     sample_bucket: np.ndarray  # (N,) int64 bucket index of each sample
     shard_samples: list[np.ndarray]  # per manifest shard, its sample indices in row order
+    shard_bucket: list[int]  # per manifest shard, its bucket index
 
     def bucket_counts(self) -> list[int]:
         return np.bincount(self.sample_bucket, minlength=len(self.buckets)).tolist()
@@ -229,7 +230,7 @@ def layout(root: str | Path, manifest: dict) -> Layout:
         r = manifest["sampling"]["resolution"]
         buckets, shapes = [Bucket(r, r)], [tuple(manifest["storage"]["latent_shape"])]
         samples = [np.arange(e["first"], e["first"] + e["count"], dtype=np.int64) for e in manifest["shards"]]
-        return Layout(buckets, shapes, np.zeros(n, np.int64), samples)
+        return Layout(buckets, shapes, np.zeros(n, np.int64), samples, [0] * len(samples))
     buckets = [Bucket(int(b["width"]), int(b["height"]), float(b.get("weight", 1.0))) for b in manifest["buckets"]]
     shapes = [tuple(b["latent_shape"]) for b in manifest["buckets"]]
     index = {(b.width, b.height): k for k, b in enumerate(buckets)}
@@ -244,7 +245,7 @@ def layout(root: str | Path, manifest: dict) -> Layout:
     if len(sample_bucket) != n or [(names[b], len(ix)) for b, ix in plan] != [
             (e["bucket"], e["count"]) for e in manifest["shards"]]:
         raise DataError(f"{root}: {PROMPTS} and {MANIFEST} disagree about the samples' buckets; {REPAIR}")
-    return Layout(buckets, shapes, sample_bucket, [ix for _, ix in plan])
+    return Layout(buckets, shapes, sample_bucket, [ix for _, ix in plan], [b for b, _ in plan])
 
 
 def check_dataset(path: str | Path) -> list[str]:
@@ -265,10 +266,8 @@ def check_dataset(path: str | Path) -> list[str]:
         where = layout(path, manifest)
     except DataError as err:
         return problems + [str(err)]
-    names = [b.name for b in where.buckets]
-    for entry, samples in zip(manifest["shards"], where.shard_samples):
-        shape = where.latent_shapes[names.index(entry["bucket"])] if "bucket" in entry else where.latent_shapes[0]
-        if problem := _check_shard(path, manifest, entry, samples, shape):
+    for entry, samples, b in zip(manifest["shards"], where.shard_samples, where.shard_bucket):
+        if problem := _check_shard(path, manifest, entry, samples, where.latent_shapes[b]):
             problems.append(f"{entry['file']}: {problem}")
     missing = [image_name(i) for i in range(manifest["decode_first"]) if not (path / IMAGES / image_name(i)).is_file()]
     if missing:

@@ -29,6 +29,14 @@ def resolve_pipeline(name: str | Path) -> Path:
     return path
 
 
+def vae_factor(pipeline: str | Path) -> tuple[int, int]:
+    """(VAE downsampling factor, the pixel multiple every image side must be: that factor × the
+    transformer's 2×2 patches), from the pipeline's vae/config.json."""
+    vae = json.loads((resolve_pipeline(pipeline) / "vae" / "config.json").read_text())
+    scale = 2 ** (len(vae["block_out_channels"]) - 1)
+    return scale, scale * 2
+
+
 def check_pipeline_folder(path: str | Path) -> dict:
     """The folder's model_index.json, or one line saying why this is not a ZImagePipeline folder."""
     folder = Path(path)

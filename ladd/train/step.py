@@ -193,9 +193,7 @@ def generator_step(
         fake_feats = teacher_taps(teacher, fake, t_hat, batch.cap_feats, disc.layers)  # live graph
         with frozen(disc):
             fake_logits = disc(fake_feats, t_hat, batch.text_cond)
-            loss = losses.g_loss(fake_logits, cfg.loss, cfg.aggregate)
-            if cfg.adversarial_weight != 1.0:  # the ablation "distillation alone" sets 0
-                loss = cfg.adversarial_weight * loss
+            loss = cfg.adversarial_weight * losses.g_loss(fake_logits, cfg.loss, cfg.aggregate)  # × 1.0 is exact
             if cfg.distill_weight > 0:
                 distill = (x0_hat - batch.x0).square().mean()
                 loss = loss + cfg.distill_weight * distill
