@@ -23,7 +23,7 @@ def cmd_toy_tiny(args: argparse.Namespace) -> int:
 def cmd_toy_build(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
-    from ladd.toy.build import ToyBuildConfig, build_toy, quick_config
+    from ladd.toy.build import ToyBuildConfig, build_toy, check_init, quick_config
 
     cfg = quick_config(seed=args.seed) if args.quick else ToyBuildConfig(seed=args.seed)
     if args.steps is not None:
@@ -37,7 +37,18 @@ def cmd_toy_build(args: argparse.Namespace) -> int:
             print(f"ladd toy build: {e}", file=sys.stderr)
             return 2
         cfg = replace(cfg, buckets=tuple(b.size for b in buckets))
-    build_toy(args.out, cfg)
+    if args.adapt_steps is not None:
+        cfg = replace(cfg, adapt_steps=args.adapt_steps)
+    if args.init is not None:
+        if len(cfg.buckets) == 1:
+            print("ladd toy build: --init adapts a square build to --buckets; give --buckets too", file=sys.stderr)
+            return 2
+        try:
+            check_init(args.init, cfg)
+        except ValueError as e:
+            print(f"ladd toy build: {e}", file=sys.stderr)
+            return 2
+    build_toy(args.out, cfg, init=args.init)
     return 0
 
 
@@ -65,8 +76,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from ladd.models.loading import resolve_pipeline
 
     resolve_pipeline(args.pipeline)  # a missing toy teacher is one line saying how to rebuild it
-    run_demo(DemoConfig(out=args.out, seeds=args.seeds, quick=args.quick, pipeline=args.pipeline,
-                        n_train=args.n_train, n_eval=args.n_eval, buckets=args.buckets, ablation=args.ablation))
+    try:
+        cfg = DemoConfig(out=args.out, seeds=args.seeds, quick=args.quick, pipeline=args.pipeline,
+                         n_train=args.n_train, n_eval=args.n_eval, buckets=args.buckets, ablation=args.ablation)
+    except ValueError as e:  # counts below 1, a --buckets spec that is no set of sizes
+        print(f"ladd demo: {e}", file=sys.stderr)
+        return 2
+    run_demo(cfg)
     return 0
 
 
@@ -90,11 +106,18 @@ def build_parser() -> argparse.ArgumentParser:
     build = toy_sub.add_parser("build", help="train the toy-world teacher pipeline from scratch (~CPU minutes)")
     build.add_argument("--out", required=True, help="output folder (the shipped one is ladd/toy/assets/toy-zimage)")
     build.add_argument("--seed", type=int, default=0)
-    build.add_argument("--steps", type=int, default=None, help="teacher training steps (default: the build config's)")
+    build.add_argument("--steps", type=int, default=None,
+                       help="stage 1 (the square teacher) training steps (default: the build config's)")
+    build.add_argument("--adapt-steps", type=int, default=None,
+                       help="stage 2 steps on every bucket, with --buckets (default: the build config's)")
+    build.add_argument("--init", default=None,
+                       help="with --buckets: start from this square build (a folder `ladd toy build` wrote "
+                            "without --buckets) instead of training stage 1; it must have this build's settings")
     build.add_argument("--quick", action="store_true", help="a one-minute smoke build (not a usable teacher)")
     build.add_argument("--buckets", default=None,
                        help="image sizes to train at: 'toy' (64x64, 80x48, 48x80) or WxH,WxH (multiples of 8; "
-                            "the images are split evenly, weights ignored); default 64x64")
+                            "weights ignored): the square teacher is trained at 64x64, then adapted to all; "
+                            "default 64x64")
     build.set_defaults(func=cmd_toy_build)
 
     prompts = toy_sub.add_parser("prompts", help="write toy-world prompts, one per line")
@@ -113,7 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="one seed, a third of the steps, 128 + 128 prompts (unless given explicitly)")
     demo.add_argument("--pipeline", default="toy")
     demo.add_argument("--n-train", type=int, default=None, help="training prompts (default 256; --quick: 128)")
-    demo.add_argument("--n-eval", type=int, default=None, help="held-out eval prompts (default 192; --quick: 128)")
+    demo.add_argument("--n-eval", type=int, default=None,
+                      help="held-out eval prompts (default 192, with --buckets 128 per bucket if more; --quick: 128)")
     demo.add_argument("--buckets", default=None, metavar="SPEC",
                       help="train and evaluate on aspect-ratio buckets (e.g. 'toy': 64x64, 80x48, 48x80; the "
                            "teacher must know them); results per bucket; default runs/demo-buckets")

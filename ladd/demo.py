@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 
+from ladd.data.buckets import parse_buckets
 from ladd.distributed import print0
 from ladd.report import grid_png, headline, render_html
 
@@ -33,7 +34,9 @@ class DemoConfig:
     # teacher's own eval row, 192 more) are a third of the demo's 20 minutes, Inception features of
     # 12 eval rows another third.
     n_train: int | None = None  # default 256 (quick: 128)
-    n_eval: int | None = None  # default 192 (quick: 128); every eval row costs ~0.16 s per image (Inception)
+    # default 192, with buckets 128 per bucket if more (quick: 128): KID subsets are 100 images, per
+    # bucket too; every eval row costs ~0.16 s per image (Inception)
+    n_eval: int | None = None
     steps: int | None = None  # training steps; default: the config's (quick: a third)
     # Training samples draw their teacher noise from seeds train_seed + i, the eval set from 0 + i (and
     # eval seed s from i + s·1e6): a student distilled from the teacher's own (noise, latent) pairs
@@ -50,7 +53,9 @@ class DemoConfig:
     def __post_init__(self):
         self.seeds = self.seeds if self.seeds is not None else (1 if self.quick else 5)
         self.n_train = self.n_train if self.n_train is not None else (128 if self.quick else 256)
-        self.n_eval = self.n_eval if self.n_eval is not None else (128 if self.quick else 192)
+        if self.n_eval is None:
+            per_bucket = 128 * len(parse_buckets(self.buckets, factor=1)) if self.buckets else 0
+            self.n_eval = 128 if self.quick else max(192, per_bucket)
         if min(self.seeds, self.n_train, self.n_eval) < 1:
             raise ValueError(f"--seeds, --n-train and --n-eval must be >= 1, got {self.seeds}, {self.n_train}, "
                              f"{self.n_eval}")

@@ -8,6 +8,7 @@ from safetensors import safe_open
 
 from ladd.demo import DemoConfig, run_demo
 from ladd.models.tiny import build_tiny_pipeline
+from tests.clitools import error_lines, run_cli
 
 
 @pytest.mark.slow
@@ -128,3 +129,13 @@ def test_guards_line_names_the_seeds_and_guards_that_fired():
     assert guards_line({"health": {"seed-0": calm}}) == "no health guard fired"
     fired = {"seed-0": calm, "seed-2": {**calm, "collapse_logits": True, "drift": True}}
     assert guards_line({"health": fired}) == "health guards fired: seed-2 (collapse_logits, drift)"
+
+
+def test_demo_eval_set_holds_a_kid_subset_per_bucket_and_bad_input_is_one_line(capsys, tmp_path):
+    assert DemoConfig().n_eval == 192 and DemoConfig(quick=True, buckets="toy").n_eval == 128
+    assert DemoConfig(buckets="toy").n_eval == 384 and DemoConfig(buckets="64x64").n_eval == 192
+    assert DemoConfig(buckets="toy", n_eval=96).n_eval == 96  # given: kept
+    for bad in (["--buckets", "64x64,wide"], ["--seeds", "0"]):
+        rc, _, err = run_cli(capsys, "demo", "--out", tmp_path / "demo", *bad)
+        assert rc == 2 and len(error_lines(err)) == 1, err
+    assert not (tmp_path / "demo").exists()

@@ -1,26 +1,26 @@
 """Build the toy teacher: a small ZImagePipeline that has really learned the toy world.
 
-Stages (each timed, with a progress bar):
-  1. render a fixed training set of captioned scenes (`ladd.toy.world`, train split only), split
-     evenly over the build's aspect-ratio buckets (default: 64x64 only; `--buckets toy` adds 80x48
-     and 48x80);
+Stage 1, the square teacher (each part timed, with a progress bar):
+  1. render a fixed training set of captioned square scenes (`ladd.toy.world`, train split only);
   2. train a small 16-channel `AutoencoderKL` on it (reconstruction + a light KL), then set its
-     `shift_factor` / `scaling_factor` from the latents' mean and std over all buckets, as Z-Image's
-     VAE has them;
+     `shift_factor` / `scaling_factor` from the latents' mean and std, as Z-Image's VAE has them;
   3. a tiny frozen `Qwen3Model` text encoder with a byte-level tokenizer whose BPE merges make every
      world word one token (random features of whole words condition well; of bytes, poorly);
   4. train a `ZImageTransformer2DModel` by flow matching *through the adapter* (LADD convention:
-     target v = ε − x0), with caption dropout to the empty prompt so CFG works; a minibatch has one
-     shape, so each step (of the VAE too) draws its batch from one bucket, chosen by a seeded stream
-     in proportion to the bucket's share of the images;
-  5. save a `ZImagePipeline` folder (safetensors) plus `build.json` (config, losses, PSNR, seconds).
+     target v = ε − x0), with caption dropout to the empty prompt so CFG works.
+Stage 2, with several buckets (`--buckets toy`: 64x64, 80x48, 48x80): render a set per bucket,
+encode it with the square VAE (convolutional, so it reads any frame), and go on training the
+transformer on all of them, each step's minibatch from one bucket, drawn uniformly.
+The shapes are learnt once, on the square; the other frames need only a fraction of the steps.
+Then save a `ZImagePipeline` folder (safetensors) plus `build.json` (config, losses, PSNR, seconds).
 
-    ladd toy build --out ladd/toy/assets/toy-zimage            # ~25 min on 2 CPU cores (see docs/toy-world.md)
-    ladd toy build --out /tmp/toy --quick             # a 1-minute smoke build
-    ladd toy build --out /tmp/toy --quick --buckets toy   # ... trained at 64x64, 80x48 and 48x80
+    ladd toy build --out ladd/toy/assets/toy-zimage --buckets toy   # the shipped teacher (docs/toy-world.md)
+    ladd toy build --out SQ                             # stage 1 alone: the square-only teacher
+    ladd toy build --out DIR --buckets toy --init SQ    # stage 2 only, on top of it (5 min)
+    ladd toy build --out /tmp/toy --quick               # a 1-minute smoke build
 
-With one bucket (the default) no bucket is ever drawn, so the random streams, and the weights, are
-those of the square-only build that made the shipped teacher.
+Stage 1 is the square-only build itself (its random streams are those of the builder before
+buckets), so `--init` with a square build's folder gives the same weights as building from scratch.
 """
 
 from __future__ import annotations
@@ -50,42 +50,46 @@ class ToyBuildConfig:
     seed: int = 0
     threads: int = 2
     image_size: int = 64  # the pipeline's default size (VAE sample_size); must be one of the buckets
-    # (width, height) pixel sizes trained on; n_images is split evenly over them
+    # (width, height) pixel sizes trained on. Stage 1 trains the square teacher at image_size² alone
+    # (the square-only build); with more sizes, stage 2 adapts it to all of them.
     buckets: tuple[tuple[int, int], ...] = ((64, 64),)
     # The teacher's world: one large object (the world module draws up to three; a 2.5M-parameter
     # teacher in 25 CPU minutes learns shapes only at this size: docs/notes/2026-11-26-toy-teacher-attempts.md).
     max_objects: int = 1
     pattern_prob: float = 0.3  # share of striped / dotted objects
     diameter_range: tuple[float, float] = (0.45, 0.65)  # object size, fraction of the side sqrt(W*H)
-    n_images: int = 16384  # fixed training set (train-split captions only)
+    n_images: int = 16384  # the square teacher's fixed training set (train-split captions only)
     # VAE: three levels -> downsampling factor 4 -> 16×16×16 latents -> 8×8 image tokens
     vae_channels: tuple[int, ...] = (16, 32, 32)
     vae_steps: int = 800
     vae_batch: int = 32
     vae_lr: float = 1e-3
     vae_kl: float = 1e-6
-    vae_crop: int = 32  # the VAE is convolutional: train on crops (no side past the bucket's), 4× cheaper
+    vae_crop: int = 32  # the VAE is convolutional: train on 32² crops of the square, 4× cheaper
     # transformer
     dim: int = 128
     n_layers: int = 6
     n_heads: int = 4
     axes_dims: tuple[int, int, int] = (8, 12, 12)
     text_hidden: int = 64
-    steps: int = 6000  # 22.7 min of the measured 25.2-min build on 2 cores
-    # With several buckets: the first share of the steps trains on the first bucket (the square) alone,
-    # the rest on every bucket in proportion (the shapes are learnt once, then the other frames).
-    first_bucket_share: float = 0.5
+    steps: int = 6000  # stage 1; 22.7 min of the measured 25.2-min build on 2 cores
     batch: int = 16  # more, smaller updates learn the world faster per sample (docs/notes/2026-11-26-toy-teacher-attempts.md)
     lr: float = 1e-3
     sigma_mean: float = 0.5  # σ ~ logit-normal(sigma_mean, 1): leans to high noise, where layout is decided
     warmup: int = 200
     caption_dropout: float = 0.1
     ema: float = 0.999
+    # Stage 2 (several buckets only): the square teacher trained on every bucket, adapt_images each (the
+    # square's: its stage-1 set), each step's bucket drawn uniformly. The shapes are learnt once, on the
+    # square; the other frames take a fraction of the steps, but 1,000 steps on 4,096 images each are
+    # too few (docs/notes/2026-12-01-toy-teacher-buckets.md).
+    adapt_images: int = 16384
+    adapt_steps: int = 1500
+    adapt_lr: float = 3e-4
+    adapt_warmup: int = 100
 
     def __post_init__(self):
         self.buckets = tuple((int(w), int(h)) for w, h in self.buckets)  # build.json gives lists
-        if not 0 <= self.first_bucket_share <= 1:
-            raise ValueError(f"first_bucket_share must be in [0, 1], got {self.first_bucket_share}")
         check_buckets(self.bucket_list(), self.latent_factor())
         for w, h in self.buckets:  # refuse here what scene sampling would refuse minutes later
             if self.diameter_range[1] > world.max_diameter(w / h):
@@ -102,10 +106,9 @@ class ToyBuildConfig:
     def bucket_list(self) -> list[Bucket]:
         return [Bucket(w, h) for w, h in self.buckets]
 
-    def bucket_counts(self) -> list[int]:
-        """Training images per bucket: n_images split evenly, the remainder to the first buckets."""
-        k = len(self.buckets)
-        return [self.n_images // k + (i < self.n_images % k) for i in range(k)]
+    def square(self) -> ToyBuildConfig:
+        """Stage 1's config: the square-only build at image_size²."""
+        return replace(self, buckets=((self.image_size, self.image_size),))
 
     def tiny(self) -> TinyConfig:
         return TinyConfig(
@@ -151,16 +154,14 @@ def step_buckets(counts: list[int], steps: int, seed: int) -> np.ndarray:
     return assign([Bucket(1, 1, float(c)) for c in counts], steps, seed)  # assign reads only the weights
 
 
-def train_vae(vae, images: list[np.ndarray], cfg: ToyBuildConfig, gen: torch.Generator) -> dict:
-    """images: one (n, H, W, 3) uint8 array per bucket."""
+def train_vae(vae, images: np.ndarray, cfg: ToyBuildConfig, gen: torch.Generator) -> dict:
+    """images: (n, H, W, 3) uint8, the square set."""
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
     vae.train()
-    which = step_buckets([len(b) for b in images], cfg.vae_steps, cfg.seed + 1)
     bar = tqdm(range(cfg.vae_steps), desc="vae", unit="step")
     for step in bar:
-        bucket = images[which[step]]
-        idx = torch.randint(len(bucket), (cfg.vae_batch,), generator=gen)
-        x = _to_tensor(bucket[idx.numpy()])
+        idx = torch.randint(len(images), (cfg.vae_batch,), generator=gen)
+        x = _to_tensor(images[idx.numpy()])
         h, w = x.shape[-2:]
         ch, cw = min(cfg.vae_crop, h), min(cfg.vae_crop, w)
         if ch < h or cw < w:  # offsets on the 4-pixel latent grid; drawn one after the other, as (2,) did
@@ -212,22 +213,31 @@ def encode_captions(pipe, captions: list[str], chunk: int = 256) -> list[torch.T
     return out
 
 
+@dataclass(frozen=True)
+class Schedule:
+    """One training stage of the transformer: `steps` steps, warm-up then cosine decay to 0."""
+
+    desc: str
+    steps: int
+    lr: float
+    warmup: int
+
+
 def train_transformer(
     adapter: ZImageAdapter, latents: list[torch.Tensor], caps: list[list[torch.Tensor]], empty: torch.Tensor,
-    cfg: ToyBuildConfig, gen: torch.Generator,
-) -> tuple[dict, dict[str, torch.Tensor]]:
+    cfg: ToyBuildConfig, sched: Schedule, which: np.ndarray, gen: torch.Generator,
+) -> tuple[float, dict[str, torch.Tensor]]:
     """Flow matching through the adapter: x_σ = (1 − σ)x0 + σε, loss ‖v_θ(x_σ, σ, c) − (ε − x0)‖².
 
-    latents and caps hold one entry per bucket; each step trains on one bucket's latents.
+    latents and caps hold one entry per bucket; step s trains on bucket which[s]. Returns the mean
+    loss of the last 200 steps and the EMA weights (started from the weights the stage starts with).
     """
     params = [p for p in adapter.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.01, betas=(0.9, 0.99))
+    opt = torch.optim.AdamW(params, lr=sched.lr, weight_decay=0.01, betas=(0.9, 0.99))
     ema = {k: v.detach().clone() for k, v in adapter.transformer.state_dict().items()}
     adapter.train()
     losses = []
-    which = step_buckets([len(x) for x in latents], cfg.steps, cfg.seed)
-    which[: int(cfg.first_bucket_share * cfg.steps)] = 0  # one bucket: already all 0
-    bar = tqdm(range(cfg.steps), desc="teacher", unit="step")
+    bar = tqdm(range(sched.steps), desc=sched.desc, unit="step")
     for step in bar:
         k = which[step]
         idx = torch.randint(len(latents[k]), (cfg.batch,), generator=gen)
@@ -244,93 +254,176 @@ def train_transformer(
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
-        lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup) * 0.5 * (1 + math.cos(math.pi * step / cfg.steps))
+        lr = sched.lr * min(1.0, (step + 1) / sched.warmup) * 0.5 * (1 + math.cos(math.pi * step / sched.steps))
         for group in opt.param_groups:
             group["lr"] = lr
         opt.step()
         with torch.no_grad():
             decay = min(cfg.ema, (1 + step) / (10 + step))
-            for k, v_ in adapter.transformer.state_dict().items():
-                ema[k].lerp_(v_, 1 - decay) if v_.is_floating_point() else ema[k].copy_(v_)
+            for name, v_ in adapter.transformer.state_dict().items():
+                ema[name].lerp_(v_, 1 - decay) if v_.is_floating_point() else ema[name].copy_(v_)
         losses.append(loss.item())
         if step % 20 == 0:
             bar.set_postfix(loss=f"{np.mean(losses[-100:]):.4f}")
-    return {"teacher_final_loss": float(np.mean(losses[-200:]))}, ema
+    adapter.eval()
+    return float(np.mean(losses[-200:])), ema
 
 
-def build_toy(out: str | Path, cfg: ToyBuildConfig | None = None) -> dict:
-    """Train and save the toy teacher pipeline; returns the build report (also in build.json)."""
+def render(cfg: ToyBuildConfig, k: int, n: int) -> tuple[np.ndarray, list[str]]:
+    """The first n scenes of bucket k's training set; the square (image_size²) uses the build's seed
+    itself, so its set is the one the square-only build trains on, whatever the other buckets."""
+    w, h = cfg.buckets[k]
+    seed = cfg.seed if (w, h) == (cfg.image_size, cfg.image_size) else [cfg.seed, k]
+    return world.make_batch(n, seed=seed, width=w, height=h, **scene_kwargs(cfg))
+
+
+def assemble(cfg: ToyBuildConfig, vae):
+    """The pipeline around a VAE: the seeded text encoder and tokenizer, a fresh transformer."""
     from diffusers import FlowMatchEulerDiscreteScheduler, ZImagePipeline
 
-    cfg = cfg or ToyBuildConfig()
-    torch.set_num_threads(cfg.threads)
-    out = Path(out)
-    report: dict = {"config": asdict(cfg), "seconds": {}}
     tiny = cfg.tiny()
-    gen = torch.Generator().manual_seed(cfg.seed)
-    t0 = time.perf_counter()
-
-    # One rendered set per bucket; the first uses the build's seed itself, so a square-only build
-    # renders exactly the training set it always did.
-    images, captions = [], []
-    for k, ((w, h), n) in enumerate(zip(cfg.buckets, cfg.bucket_counts())):
-        imgs, caps_k = world.make_batch(n, seed=cfg.seed if k == 0 else [cfg.seed, k], width=w, height=h,
-                                        **scene_kwargs(cfg))
-        images.append(imgs)
-        captions.append(caps_k)
-    report["buckets"] = [{"name": b.name, "width": b.width, "height": b.height, "n_images": n}
-                         for b, n in zip(cfg.bucket_list(), cfg.bucket_counts())]
-    report["seconds"]["render"] = time.perf_counter() - t0
-
-    t = time.perf_counter()
-    torch.manual_seed(cfg.seed + 1)
-    vae = build_vae(tiny)
-    report.update(train_vae(vae, images, cfg, gen))
-    raws = [encode_images(vae, imgs) for imgs in images]
-    # One shift and scale for every bucket (the VAE config has one): over all latent values. One
-    # bucket reduces its tensor as it is: the posterior means have channels-last strides, and
-    # flattening copies them into another summation order (last-bit changes to the shift).
-    flat = raws[0] if len(raws) == 1 else torch.cat([r.flatten() for r in raws])
-    shift, scale = flat.mean().item(), 1.0 / flat.std().item()
-    vae.register_to_config(shift_factor=shift, scaling_factor=scale)
-    latents = [(raw - shift) * scale for raw in raws]  # what the pipeline's transformer sees
-    per_bucket = {b.name: psnr(vae, imgs[:256]) for b, imgs in zip(cfg.bucket_list(), images)}
-    report["vae_psnr_db"] = float(np.mean(list(per_bucket.values())))
-    report["vae_psnr_db_per_bucket"] = per_bucket
-    report["vae_shift_factor"], report["vae_scaling_factor"] = shift, scale
-    report["seconds"]["vae"] = time.perf_counter() - t
-    print(f"vae: PSNR {report['vae_psnr_db']:.1f} dB on training images; shift {shift:.4f} scale {scale:.4f}")
-
-    t = time.perf_counter()
     tokenizer = build_tokenizer(tiny.merges)
     torch.manual_seed(cfg.seed)
     text_encoder = build_text_encoder(tiny, vocab_size=len(tokenizer))
     torch.manual_seed(cfg.seed + 2)
     transformer = build_transformer(tiny)
     scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=tiny.shift)
-    pipe = ZImagePipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+    return ZImagePipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
                           transformer=transformer)
-    unique = sorted({c for caps_k in captions for c in caps_k})
+
+
+def build_square(cfg: ToyBuildConfig):
+    """Stage 1, the square-only build: render, VAE, text encoder, transformer. Returns (pipe, report)."""
+    report: dict = {"config": asdict(cfg), "seconds": {}}
+    tiny = cfg.tiny()
+    gen = torch.Generator().manual_seed(cfg.seed)
+    t0 = time.perf_counter()
+    images, captions = render(cfg, 0, cfg.n_images)
+    report["buckets"] = [{"name": cfg.bucket_list()[0].name, "width": cfg.image_size, "height": cfg.image_size,
+                          "n_images": cfg.n_images}]
+    report["seconds"]["render"] = time.perf_counter() - t0
+
+    t = time.perf_counter()
+    torch.manual_seed(cfg.seed + 1)
+    vae = build_vae(tiny)
+    report.update(train_vae(vae, images, cfg, gen))
+    # The posterior means have channels-last strides: reduced as they are, not flattened (flattening
+    # copies them into another summation order: last-bit changes to the shift).
+    raw = encode_images(vae, images)
+    shift, scale = raw.mean().item(), 1.0 / raw.std().item()
+    vae.register_to_config(shift_factor=shift, scaling_factor=scale)
+    latents = (raw - shift) * scale  # what the pipeline's transformer sees
+    report["vae_psnr_db"] = psnr(vae, images[:256])
+    report["vae_psnr_db_per_bucket"] = {cfg.bucket_list()[0].name: report["vae_psnr_db"]}
+    report["vae_shift_factor"], report["vae_scaling_factor"] = shift, scale
+    report["seconds"]["vae"] = time.perf_counter() - t
+    print(f"vae: PSNR {report['vae_psnr_db']:.1f} dB on training images; shift {shift:.4f} scale {scale:.4f}")
+
+    t = time.perf_counter()
+    pipe = assemble(cfg, vae)
+    unique = sorted(set(captions))
     feats = dict(zip(unique, encode_captions(pipe, unique)))
-    caps = [[feats[c] for c in caps_k] for caps_k in captions]
     empty = encode_prompts(pipe, [""])[0]
     report["unique_captions"] = len(unique)
     report["seconds"]["text"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    stats, ema = train_transformer(ZImageAdapter(transformer), latents, caps, empty, cfg, gen)
-    transformer.load_state_dict(ema)
-    transformer.eval()
-    report.update(stats)
+    sched = Schedule("teacher", cfg.steps, cfg.lr, cfg.warmup)
+    which = step_buckets([cfg.n_images], cfg.steps, cfg.seed)  # one bucket: all 0, nothing drawn
+    loss, ema = train_transformer(ZImageAdapter(pipe.transformer), [latents], [[feats[c] for c in captions]], empty,
+                                  cfg, sched, which, gen)
+    pipe.transformer.load_state_dict(ema)
+    report["teacher_final_loss"] = loss
     report["seconds"]["teacher"] = time.perf_counter() - t
+    return pipe, report
 
+
+def check_init(init: str | Path, cfg: ToyBuildConfig) -> tuple[Path, dict]:
+    """The folder and build.json of a square-only build with cfg's stage-1 settings; ValueError if not."""
+    folder = Path(init)
+    path = folder / "build.json"
+    if not path.is_file():
+        raise ValueError(f"--init {init}: no build.json there; give a folder `ladd toy build` wrote")
+    theirs = json.loads(path.read_text())
+    ours = json.loads(json.dumps(asdict(cfg.square())))
+    skip = {"threads", "buckets"} | {k for k in ours if k.startswith("adapt_")}
+    diff = [k for k in ours if k not in skip and k in theirs["config"] and theirs["config"][k] != ours[k]]
+    buckets = [tuple(b) for b in theirs["config"].get("buckets", [[cfg.image_size] * 2])]
+    if diff or buckets != list(cfg.square().buckets):
+        raise ValueError(f"--init {init} was built with other stage-1 settings ({', '.join(diff) or 'buckets'}); "
+                         f"give the square build of this config or drop --init")
+    return folder, theirs
+
+
+def load_square(init: str | Path, cfg: ToyBuildConfig):
+    """Stage 1 from a folder a square-only build wrote with cfg's stage-1 settings: (pipe, report).
+
+    The modules are the builder's own, with the folder's weights, so what stage 2 saves is what a
+    build from scratch saves (loaded pipelines would also write their load path into the configs).
+    """
+    from diffusers import AutoencoderKL
+    from safetensors.torch import load_file
+
+    folder, theirs = check_init(init, cfg)
+    vae = build_vae(cfg.tiny())
+    pipe = assemble(cfg, vae)
+    for name in ("vae", "text_encoder", "transformer"):
+        (weights,) = (folder / name).glob("*.safetensors")
+        getattr(pipe, name).load_state_dict(load_file(weights))
+    saved = AutoencoderKL.load_config(folder / "vae")
+    vae.register_to_config(shift_factor=saved["shift_factor"], scaling_factor=saved["scaling_factor"])
+    report = {k: v for k, v in theirs.items() if k not in ("config", "parameters")}
+    report["init"] = {"path": str(init), "seconds": theirs["seconds"]}
+    report["seconds"] = {}
+    return pipe, report
+
+
+def adapt(pipe, cfg: ToyBuildConfig, report: dict) -> None:
+    """Stage 2: the square teacher trained on every bucket (the square's set included), each step's
+    bucket drawn uniformly, on a random stream of its own (the same from --init)."""
+    t = time.perf_counter()
+    sets = [render(cfg, k, cfg.adapt_images) for k in range(len(cfg.buckets))]
+    report["buckets"] = [{"name": b.name, "width": b.width, "height": b.height, "n_images": len(imgs)}
+                         for b, (imgs, _) in zip(cfg.bucket_list(), sets)]
+    shift, scale = pipe.vae.config.shift_factor, pipe.vae.config.scaling_factor
+    latents = [(encode_images(pipe.vae, imgs) - shift) * scale for imgs, _ in sets]
+    report["vae_psnr_db_per_bucket"] = {b.name: psnr(pipe.vae, imgs[:256])
+                                        for b, (imgs, _) in zip(cfg.bucket_list(), sets)}
+    unique = sorted({c for _, caps_k in sets for c in caps_k})
+    feats = dict(zip(unique, encode_captions(pipe, unique)))
+    caps = [[feats[c] for c in caps_k] for _, caps_k in sets]
+    empty = encode_prompts(pipe, [""])[0]
+    report["seconds"]["adapt_data"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    gen = torch.Generator().manual_seed(cfg.seed + 3)
+    sched = Schedule("adapt", cfg.adapt_steps, cfg.adapt_lr, cfg.adapt_warmup)
+    which = step_buckets([len(x) for x in latents], cfg.adapt_steps, cfg.seed + 3)
+    loss, ema = train_transformer(ZImageAdapter(pipe.transformer), latents, caps, empty, cfg, sched, which, gen)
+    pipe.transformer.load_state_dict(ema)
+    report["adapt_final_loss"] = loss
+    report["seconds"]["adapt"] = time.perf_counter() - t
+
+
+def build_toy(out: str | Path, cfg: ToyBuildConfig | None = None, init: str | Path | None = None) -> dict:
+    """Train and save the toy teacher pipeline; returns the build report (also in build.json).
+
+    init: the folder of a square-only build with cfg's stage-1 settings, loaded instead of trained;
+    only stage 2 then runs.
+    """
+    cfg = cfg or ToyBuildConfig()
+    torch.set_num_threads(cfg.threads)
+    out = Path(out)
+    t0 = time.perf_counter()
+    pipe, report = build_square(cfg.square()) if init is None else load_square(init, cfg)
+    report["config"] = asdict(cfg)
+    if len(cfg.buckets) > 1:
+        adapt(pipe, cfg, report)
+    pipe.transformer.eval()
     pipe.save_pretrained(out, safe_serialization=True)
     report["seconds"]["total"] = time.perf_counter() - t0
-    report["parameters"] = {
-        "transformer": sum(p.numel() for p in transformer.parameters()),
-        "vae": sum(p.numel() for p in vae.parameters()),
-        "text_encoder": sum(p.numel() for p in text_encoder.parameters()),
-    }
+    report["parameters"] = {name: sum(p.numel() for p in getattr(pipe, name).parameters())
+                            for name in ("transformer", "vae", "text_encoder")}
     (out / "build.json").write_text(json.dumps(report, indent=2) + "\n")
     write_world(out, "toy", CAPTION_SCORER)
     print(f"wrote {out} in {report['seconds']['total'] / 60:.1f} min")
