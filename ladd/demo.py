@@ -177,8 +177,13 @@ def run_demo(cfg: DemoConfig) -> dict:
             report["ablation"] = ablation(rows, ablation_rows)
         report["train_config"] = read_config(runs[0])  # seed 0's, fully resolved
         report["method"] = method_line(report["train_config"]["method"])
-        report["health"] = {run.name: replay(HealthConfig(**read_config(run)["health"]),
-                                             read_metrics(run / "metrics.jsonl")) for run in runs}
+        def health(variant: list[Path]) -> dict:  # every guard replayed on each seed's metrics
+            return {run.name: replay(HealthConfig(**read_config(run)["health"]), read_metrics(run / "metrics.jsonl"))
+                    for run in variant}
+
+        report["health"] = health(runs)
+        for name, variant in ablation_runs.items():
+            report["ablation"][name]["health"] = health(variant)
         grid = grid_png(out / "data" / "eval", runs[0], ema)
         (out / "report.html").write_text(render_html(report, grid, runs))
     (out / "report.json").write_text(json.dumps(report, indent=1))

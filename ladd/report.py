@@ -110,10 +110,11 @@ def ablation_table(variants: dict, fmt) -> str:
         f"<tr><td>{html.escape(name)}</td><td>{fmt(v['kid']['mean'])} ± {fmt(v['kid']['std'])}</td>"
         f"<td>{fmt(v['gap_closed'])}</td><td>{fmt(v['vs_untrained_se'])}</td>"
         f"<td>{fmt(v['kid_minus_default']['mean'])} ± {fmt(v['kid_minus_default']['std'])}</td>"
-        f"<td>{fmt((v['caption_accuracy'] or {}).get('mean'))}</td></tr>" for name, v in variants.items())
+        f"<td>{fmt((v['caption_accuracy'] or {}).get('mean'))}</td>"
+        f"<td>{html.escape(guards_line(v))}</td></tr>" for name, v in variants.items())
     return ("<h3>Ablation (same data, seeds and steps)</h3><table><tr><th>variant</th><th>KID ↓</th>"
             "<th>gap closed</th><th>(untrained − it) / SE</th><th>KID − default's, per seed (mean ± std)</th>"
-            "<th>caption accuracy</th></tr>" + rows + "</table>")
+            "<th>caption accuracy</th><th>health guards</th></tr>" + rows + "</table>")
 
 
 def render_html(r: dict, grid: str, runs: list[Path]) -> str:

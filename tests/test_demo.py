@@ -119,6 +119,7 @@ def test_demo_ablation_trains_each_variant_on_the_same_seeds(tmp_path):
         method = read_config(runs[0])["method"]
         assert (method["distill_weight"], method["adversarial_weight"]) == (
             (0.0, 1.0) if slug == "pure-ladd" else (10.0, 0.0))
+        assert set(v["health"]) == {"seed-0", "seed-1"} and "drift" in v["health"]["seed-0"]  # replayed per seed
     assert "Ablation (same data, seeds and steps)" in (tmp_path / "demo" / "report.html").read_text()
 
 
