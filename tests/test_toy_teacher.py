@@ -51,6 +51,6 @@ def test_teacher_follows_captions_and_few_steps_lose(size):
     prompts = world.prompts(32, "eval", seed=7, **pipeline_world("toy"))
     teacher = caption_accuracy(_sample(pipe, prompts, 50, 5.0, size), prompts)
     few = caption_accuracy(_sample(pipe, prompts, 2, 0.0, size), prompts)
-    # docs/toy-world.md reports the full benchmark (256 prompts); these bounds leave room for 32.
+    # docs/toy-world.md reports the full benchmark (128 prompts per size); these bounds leave room for 32.
     assert teacher["background"] >= 0.9 and teacher["colours"] >= 0.8 and teacher["shapes"] >= 0.6, teacher
     assert few["all"] <= teacher["all"] - 0.1, (few, teacher)
