@@ -15,17 +15,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 from pathlib import Path
 
+from ladd.demo import paired_difference
 from ladd.eval.commands import EvalConfig, evaluate
-
-
-def paired(diffs: list[float]) -> dict:
-    n = len(diffs)
-    mean = sum(diffs) / n
-    se = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1) / n) if n > 1 else float("nan")
-    return {"mean": mean, "se": se}
 
 
 def main() -> None:
@@ -38,7 +31,8 @@ def main() -> None:
     square, buckets = Path(args.square), Path(args.buckets)
     cache = Path(args.cache) if args.cache else buckets / "square-only"
     cache.mkdir(parents=True, exist_ok=True)
-    pipeline = json.loads((buckets / "report.json").read_text())["train_config"]["model"]["pipeline"]
+    demo = json.loads((buckets / "report.json").read_text())  # score as that demo scored its own students
+    cfg, pipeline = demo["config"], demo["train_config"]["model"]["pipeline"]
     ema = json.loads((square / "report.json").read_text())["train_config"]["train"]["ema_decay"] > 0
     seeds = sorted(p.name for p in (buckets / "runs").glob("seed-*"))
     sq, bk = [], []
@@ -46,18 +40,18 @@ def main() -> None:
         f = cache / f"{seed}.json"
         if not f.is_file():
             r = evaluate(EvalConfig(data=str(buckets / "data" / "eval"), source="run", path=str(square / "runs" / seed),
-                                    ema=ema, features="inception", subsets=20, subset_size=100,
-                                    pipeline=pipeline, batch_size=32))
+                                    ema=ema, features=cfg["features"], subsets=cfg["subsets"],
+                                    subset_size=cfg["subset_size"], pipeline=pipeline, batch_size=cfg["eval_batch"]))
             f.write_text(json.dumps(r, indent=1))
         sq.append(json.loads(f.read_text())["rows"][0])
         bk.append(json.loads((buckets / "runs" / seed / "eval.json").read_text())["rows"][0])
     out = {}
     for name in ["all", *bk[0]["buckets"]]:
-        def pick(row, key):
-            r = row if name == "all" else row["buckets"][name]
-            return r["kid"]["mean"] if key == "kid" else r["caption_accuracy"]["all"]
-        out[name] = {key: {"square": [pick(r, key) for r in sq], "buckets": [pick(r, key) for r in bk],
-                           "buckets_minus_square": paired([pick(b, key) - pick(s, key) for s, b in zip(sq, bk)])}
+        def pick(rows, key):
+            at = [r if name == "all" else r["buckets"][name] for r in rows]
+            return [a["kid"]["mean"] if key == "kid" else a["caption_accuracy"]["all"] for a in at]
+        out[name] = {key: {"square": pick(sq, key), "buckets": pick(bk, key),
+                           "buckets_minus_square": paired_difference(pick(bk, key), pick(sq, key))}
                      for key in ("kid", "captions")}
         k, c = out[name]["kid"]["buckets_minus_square"], out[name]["captions"]["buckets_minus_square"]
         print(f"{name:>6}: KID buckets − square {k['mean']:+.4f} ± {k['se']:.4f}, "

@@ -81,6 +81,13 @@ def _mean_std(values: list[float]) -> dict:
     return {"mean": mean, "std": std, "n": n}
 
 
+def paired_difference(values: list[float], baseline: list[float]) -> dict:
+    """mean ± std over seeds of values − baseline, seed by seed (same training seed, same eval noise),
+    and its standard error."""
+    diff = _mean_std([v - b for v, b in zip(values, baseline, strict=True)])
+    return {**diff, "se": diff["std"] / math.sqrt(diff["n"]) if diff["n"] > 1 else float("nan")}
+
+
 def gap_and_significance(kid_u: float, kid_t: float, kid: dict) -> tuple[float, float]:
     """(gap closed, (untrained − it) / SE over seeds) of a student's KID over seeds (`_mean_std`) against
     the untrained student's and the teacher's; NaN where undefined (teacher = untrained, one seed)."""
@@ -251,13 +258,12 @@ def ablation(rows: list[dict], variants: dict[str, list[dict]]) -> dict:
         kids = [m["kid"]["mean"] for m in model]
         kid = _mean_std(kids)
         gap, significance = gap_and_significance(kid_u, kid_t, kid)
-        diff = _mean_std([k - d for k, d in zip(kids, default)])
         acc = [m.get("caption_accuracy") for m in model]
         out[name] = {
             "kid": kid,
             "gap_closed": gap,
             "vs_untrained_se": significance,
-            "kid_minus_default": {**diff, "se": diff["std"] / math.sqrt(diff["n"]) if diff["n"] > 1 else float("nan")},
+            "kid_minus_default": paired_difference(kids, default),
             "caption_accuracy": _mean_std([a["all"] for a in acc]) if all(acc) else None,
         }
     return out
