@@ -315,9 +315,9 @@ class HealthConfig(Section):
     collapse_gap: float = 0.05
     """|mean logit gap| below this over the window ..."""
     collapse_d_loss: float = 1.8
-    """... while the mean d_loss stays above this -> collapse, unless ..."""
+    """... while the mean d_loss stays above this, and ..."""
     collapse_drift: float = 1.3
-    """... a validation within the window has drift at most this (0: never excuse)"""
+    """... a validation at most a window old (run at once if there is none) has drift above this -> collapse (0: none needed)"""
     diversity_fraction: float = 0.2
     """validation images closer than this × the teacher's spread -> collapse"""
     drift_factor: float = 2.2

@@ -135,7 +135,9 @@ def test_collapse_detector_on_synthetic_runs():
     health = Health(HealthConfig(collapse_window=20))
     fired = [health.observe({"d_loss": 2.0, "g_loss": 0.0, "logit_gap": 0.01 * (-1) ** i}, i)["collapse_logits"]
              for i in range(25)]
-    assert not any(fired[:19]) and all(fired[19:])
+    # At chance from step 19 on, with no validation yet: nothing fires, a validation is asked for, and it decides.
+    assert not any(fired) and health.pending
+    assert health.validated(25, 1.5) and not health.pending
     healthy = Health(HealthConfig(collapse_window=20))
     assert not any(healthy.observe({"d_loss": 1.2, "g_loss": 0.5, "logit_gap": 3.0}, i)["collapse_logits"]
                    for i in range(25))
@@ -156,35 +158,43 @@ def test_collapse_detector_on_synthetic_runs():
     assert (warn.action, warn.cause) == ("continue", "collapse")
 
 
-def test_the_gap_rule_holds_its_fire_only_while_a_fresh_validation_shows_the_student_near_the_teacher():
-    """A disc at chance is excused by a validation drift <= collapse_drift no older than the window;
-    a larger drift, a stale validation, or none at all lets the rule fire as before."""
+def test_the_gap_rule_decides_by_a_fresh_validation_and_asks_for_one_when_there_is_none():
+    """A disc at chance is excused by a validation drift <= collapse_drift no older than the window and
+    caught by a larger one; with a stale validation, or none at all, it fires nothing and asks for a
+    validation (`pending`), whose drift decides."""
     from ladd.config import HealthConfig
     from ladd.train.health import Health
 
     chance = {"d_loss": 2.0, "g_loss": 0.0, "logit_gap": 0.0}
 
-    def fired(drift_at: int | None, drift: float, steps: int = 40, **cfg) -> list[bool]:
+    def run(drift_at: int | None, drift: float, steps: int = 40, **cfg) -> tuple[list[bool], list[bool], Health]:
         health = Health(HealthConfig(collapse_window=20, **cfg))
-        out = []
+        fired, pending = [], []
         for i in range(steps):
             if i == drift_at:
                 health.validated(i, drift)
-            out.append(health.observe(chance, i)["collapse_logits"])
-        return out
+            fired.append(health.observe(chance, i)["collapse_logits"])
+            pending.append(health.pending)
+        return fired, pending, health
 
-    near = fired(5, 1.07)
-    assert not any(near[:26]) and all(near[26:])  # excused through step 25, then the validation is stale
-    assert all(fired(5, 1.5)[19:])  # the student has moved away: a collapse
-    assert all(fired(None, 1.0)[19:]) and all(fired(5, 1.07, collapse_drift=0)[19:])
-    assert all(fired(0, 1.0)[19:])  # step 0's validation is the teacher itself: no evidence either way
+    fired, pending, health = run(5, 1.07)
+    assert not any(fired) and not any(pending[:26]) and all(pending[26:])  # excused through step 25, then stale
+    assert health.excused == 26 - 19 and not health.validated(40, 1.2) and health.excused == 8
+    assert not health.pending
+    fired, pending, _ = run(5, 1.5)
+    assert all(fired[19:26]) and not any(pending[:26])  # the student has moved away: a collapse
+    fired, pending, health = run(None, 1.0)
+    assert not any(fired) and all(pending[19:]) and health.validated(40, 1.31)
+    assert all(run(5, 1.07, collapse_drift=0)[0][19:]) and not any(run(5, 1.07, collapse_drift=0)[1])
+    fired, pending, health = run(0, 1.0)  # step 0's validation is the teacher itself: no evidence either way
+    assert not any(fired) and all(pending[19:]) and not health.validated(0, 9.0) and health.pending
     health = Health(HealthConfig(collapse_window=20))
     health.validated(1, 1.1)
     events = [health.observe(chance, i) for i in range(20)]
     assert events[-1]["excused"] and health.excused == 1 and not any(e["excused"] for e in events[:-1])
     health.reset()  # a rollback forgets the validation: the restored weights were not measured
     after = [health.observe(chance, 20 + i)["collapse_logits"] for i in range(20)]
-    assert not any(after[:19]) and after[19]  # a full window again, and no validation to excuse it
+    assert not any(after) and health.pending  # a full window again, and a validation must decide
 
 
 def test_the_gap_rule_on_real_toy_runs():
@@ -419,6 +429,37 @@ def test_drift_guard_stops_a_student_that_leaves_the_teacher(world):
     assert val[0]["step"] == 0 and val[0]["val_drift"] == pytest.approx(1.0)
     assert result["stopped"] == "stop_collapse" and result["step"] < 12
     assert val[-1]["val_drift"] > HealthConfig().drift_factor
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("collapse_drift", [100.0, 1e-9])
+def test_a_disc_at_chance_before_any_validation_gets_one_at_once_and_it_decides(world, capsys, collapse_drift):
+    """The gap rule meeting a disc at chance with no fresh validation validates at the next step instead
+    of firing (the demo's faster students used to be flagged at step 100, just before their first
+    validation cleared them): a student near the teacher is excused, one further away stops the run."""
+    from ladd.train.loop import train
+    from ladd.train.health import read_metrics, replay
+
+    out = world / f"on-demand-{collapse_drift:g}"
+    # gap < 100 with d_loss > 0 over 3 steps: "at chance" from step 2 on, whatever the disc does.
+    cfg = load_config(None, overrides(world, out, steps=10, **{
+        "validation.every": "0", "health.collapse_window": "3", "health.collapse_gap": "100",
+        "health.collapse_d_loss": "0", "health.collapse_drift": str(collapse_drift), "health.on_collapse": '"stop"'}))
+    result = train(cfg)
+    rows = read_metrics(out / "metrics.jsonl")
+    val_steps = [r["step"] for r in rows if "val_drift" in r]
+    said = capsys.readouterr().out
+    if collapse_drift > 1:
+        # Validated at 3 (asked for after update 2), excused through update 6, asked again after update 7
+        # (the validation is a window old), excused again, then the end.
+        assert result["stopped"] is None and val_steps == [0, 3, 8, 10]
+        assert "read as a student that fools the disc" in said and "collapse suspected" not in said
+        assert replay(cfg.health, rows) == {"collapse_logits": False, "diversity": False, "drift": False,
+                                            "excused_steps": 8}
+    else:
+        assert result["stopped"] == "stop_collapse" and result["step"] == 3 and val_steps == [0, 3]
+        assert "logit gap has stayed near zero" in said and "validation drift is" in said
+        assert replay(cfg.health, rows)["collapse_logits"]
 
 
 def _collapse_once_at(monkeypatch, at_step: int) -> list[int]:

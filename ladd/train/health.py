@@ -3,9 +3,10 @@
 1. The disc stops telling real from fake: over a window of steps the mean logit gap stays near zero
    while d_loss stays high (hinge: 2.0 means both ReLUs are fully active, i.e. chance) — and the
    student has moved away from the teacher. A disc at chance is also what a student that matches the
-   teacher looks like (a slow disc cannot keep up with a good student), so while a validation at most
-   a window old puts the student within `collapse_drift` × the untrained student's distance to the
-   teacher, the rule holds its fire and the loop says so once.
+   teacher looks like (a slow disc cannot keep up with a good student), so the rule decides by a
+   validation at most a window old: within `collapse_drift` × the untrained student's distance to the
+   teacher, it holds its fire (the loop says so once); further, it fires. With no such validation it
+   fires nothing yet and asks the loop for one (`pending`), which decides.
 2. Different prompts give near-identical images: the mean pairwise distance between the student's
    validation outputs falls below a fraction of the teacher's (the blog's "same speckled noise for
    every prompt").
@@ -77,6 +78,7 @@ class Health:
         self.d_losses: deque[float] = deque(maxlen=cfg.collapse_window)
         self.drift: tuple[int, float] | None = None  # (step, ratio) of the latest validation
         self.excused = 0  # steps the gap rule held its fire because the student stayed near the teacher
+        self.pending = False  # the disc is at chance with no fresh validation: the loop validates next
 
     def nonfinite(self, metrics: dict[str, float]) -> bool:
         keys = ("d_loss", "g_loss", "disc_grad_norm", "student_grad_norm")
@@ -102,28 +104,41 @@ class Health:
         if events["stop_nonfinite"]:
             return Decision("stop", "nonfinite", f"{self.cfg.nan_patience} non-finite losses in a row")
         if events["collapse_logits"]:
-            return self.on_collapse("the disc's logit gap has stayed near zero with d_loss high")
+            return self.gap_collapse()
         if events["excused"] and self.excused == 1:
-            h = self.cfg
-            return Decision("continue", "", (
-                f"the disc is at chance (|logit gap| < {h.collapse_gap:g}, d_loss > {h.collapse_d_loss:g} over "
-                f"{h.collapse_window} steps) while the student stays near the teacher (validation drift "
-                f"{self.drift[1]:.2f}× <= health.collapse_drift {h.collapse_drift:g}): read as a student that "
-                f"fools the disc, not a collapse; if KID stalls, a faster disc (optim.lr_d) may help"))
+            return self.excuse()
         return CONTINUE
+
+    def gap_collapse(self) -> Decision:
+        return self.on_collapse("the disc's logit gap has stayed near zero with d_loss high"
+                                + (f" and validation drift is {self.drift[1]:.2f}× (> health.collapse_drift "
+                                   f"{self.cfg.collapse_drift:g})" if self.drift and self.cfg.collapse_drift else ""))
+
+    def excuse(self) -> Decision:
+        h = self.cfg
+        return Decision("continue", "", (
+            f"the disc is at chance (|logit gap| < {h.collapse_gap:g}, d_loss > {h.collapse_d_loss:g} over "
+            f"{h.collapse_window} steps) while the student stays near the teacher (validation drift "
+            f"{self.drift[1]:.2f}× <= health.collapse_drift {h.collapse_drift:g}): read as a student that "
+            f"fools the disc, not a collapse; if KID stalls, a faster disc (optim.lr_d) may help"))
 
     def after_validation(self, step: int, drift: float, diversity_ratio: float | None, last_step: bool) -> Decision:
         """The decision after validating at `step` (ratios from gathered latents: equal on every rank).
         The final validation only reports: the run ends there anyway."""
-        self.validated(step, drift)
+        excused = self.excused
+        gap_collapsed = self.validated(step, drift)
         if last_step:
             return CONTINUE
+        if gap_collapsed:
+            return self.gap_collapse()
         if diversity_ratio is not None and diversity_ratio < self.cfg.diversity_fraction:
             return self.on_collapse("validation images of different prompts are near-identical "
                                     f"(spread {diversity_ratio:.2f}× the teacher's)")
         if drift > self.cfg.drift_factor:
             return self.on_collapse(f"validation latents are {drift:.1f}× further from the teacher's than the "
                                     f"untrained student's (health.drift_factor = {self.cfg.drift_factor:g})")
+        if self.excused > excused and self.excused == 1:
+            return self.excuse()
         return CONTINUE
 
     def on_collapse(self, why: str) -> Decision:
@@ -140,27 +155,38 @@ class Health:
         return abs(gap) < self.cfg.collapse_gap and d_loss > self.cfg.collapse_d_loss
 
     def logits_collapsed(self, step: int) -> bool:
-        """The disc at chance, unless a fresh validation shows the student still near the teacher."""
+        """The disc at chance and a fresh validation puts the student away from the teacher. With no
+        fresh validation, nothing fires yet: `pending` asks the loop for one, and `validated` decides."""
         if not self.disc_at_chance():
             return False
-        if self.drift is not None:
-            at, ratio = self.drift
-            if step - at <= self.cfg.collapse_window and ratio <= self.cfg.collapse_drift:
+        if self.cfg.collapse_drift == 0:  # never excuse, so never wait for a validation either
+            return True
+        if self.drift is not None and step - self.drift[0] <= self.cfg.collapse_window:
+            if self.drift[1] <= self.cfg.collapse_drift:
                 self.excused += 1
                 return False
-        return True
+            return True
+        self.pending = True
+        return False
 
-    def validated(self, step: int, drift: float) -> None:
+    def validated(self, step: int, drift: float) -> bool:
         """Record a validation's drift ratio (every rank computes the same one from gathered latents).
-        Step 0's measures the teacher's own weights (1 by construction): it excuses nothing."""
-        if step > 0:
-            self.drift = (step, drift)
+        Step 0's measures the teacher's own weights (1 by construction): it excuses nothing. Returns
+        whether it confirms the gap rule's pending collapse."""
+        if step == 0:
+            return False
+        self.drift = (step, drift)
+        pending, self.pending = self.pending, False
+        if pending and drift <= self.cfg.collapse_drift:
+            self.excused += 1
+        return pending and drift > self.cfg.collapse_drift
 
     def reset(self) -> None:
         self.nonfinite_in_a_row = 0
         self.gaps.clear()
         self.d_losses.clear()
         self.drift = None
+        self.pending = False
 
 
 def read_metrics(path: Path) -> list[dict]:
@@ -178,7 +204,7 @@ def replay(cfg: HealthConfig, rows: list[dict]) -> dict:
     health, fired = Health(cfg), {"collapse_logits": False, "diversity": False, "drift": False}
     for row in rows:
         if "val_drift" in row:
-            health.validated(row["step"], row["val_drift"])
+            fired["collapse_logits"] |= health.validated(row["step"], row["val_drift"])
             fired["drift"] |= row["val_drift"] > cfg.drift_factor
         if "val_diversity_ratio" in row:
             fired["diversity"] |= row["val_diversity_ratio"] < cfg.diversity_fraction

@@ -247,7 +247,9 @@ class Trainer:
             step = state.step
             last_step = step >= cfg.train.steps
             every = cfg.validation.every
-            if step != last_validated and (last_step or step == 0 or (every > 0 and step % every == 0)):
+            # health.pending: the disc is at chance and only a validation tells a good student from a collapse.
+            if step != last_validated and (last_step or step == 0 or (every > 0 and step % every == 0)
+                                           or self.health.pending):
                 v = validator.run(step, self.student, self.teacher)
                 log.write(step, v)
                 last_validated = step
