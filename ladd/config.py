@@ -33,6 +33,7 @@ Loss = Literal["hinge", "nonsaturating"]
 Aggregate = Literal["mean_heads", "sum_logits"]
 Optimizer = Literal["adamw", "adamw8bit"]
 Decay = Literal["none", "linear", "cosine"]
+StudentInputs = Literal["interpolate", "simulate"]
 MixedPrecision = Literal["auto", "bf16", "no"]
 OnCollapse = Literal["warn", "stop", "rollback"]
 Tracker = Literal["tensorboard", "wandb"]
@@ -127,6 +128,9 @@ class MethodConfig(Section):
     """how often each student timestep is drawn after the curriculum warmup; sums to 1"""
     curriculum_warmup_steps: int = 0
     """optimizer steps drawing only the two easiest timesteps"""
+    student_inputs: StudentInputs = "interpolate"
+    """the student's input at t: "interpolate" = (1 − t)·x0 + t·ε; "simulate" = the student's own Euler
+    steps from ε through the timesteps above t (no grad), the input 4-step inference gives it"""
     loss: Loss = "hinge"
     """the adversarial loss ("nonsaturating" = the logistic GAN loss)"""
     aggregate: Aggregate = "mean_heads"

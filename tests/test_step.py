@@ -73,6 +73,34 @@ def test_student_input_is_interpolated_teacher_latent(setup):
 
 
 @pytest.mark.slow
+def test_simulated_student_input_is_the_students_own_few_step_inference(setup):
+    """method.student_inputs = "simulate": the input at each t is where the student's own Euler steps
+    from ε reach (ladd.sampling.euler_sample over the timesteps down to t), built without a graph in
+    len(timesteps) − 1 forwards whatever the batch's t; then the graded forward sees it."""
+    from ladd.flow import student_sigmas
+    from ladd.sampling import euler_sample
+
+    models, batch, opt_g, opt_d = setup
+    ts = (1.0, 0.75, 0.5, 0.25)
+    for t_index in range(4):
+        probs = tuple(float(i == t_index) for i in range(4))
+        cfg = MethodConfig(student_timesteps=ts, student_timestep_probs=probs, student_inputs="simulate")
+        t, eps, *_ = draw_noise(batch, 0, cfg, torch.Generator().manual_seed(7))
+        with torch.no_grad():
+            expected = euler_sample(models.student, eps, student_sigmas(ts)[:t_index + 1], batch.cap_feats)
+        spy = Spy(models.student)
+        frozen_student = torch.optim.SGD(trainable(models.student), lr=0.0)  # the next t meets the same weights
+        generator_step(models, frozen_student, [batch], 0, cfg, torch.Generator().manual_seed(7))
+        spy.handle.remove()
+        assert len(spy.calls) == 4 and [c["grad"] for c in spy.calls] == [False] * 3 + [True]
+        assert [float(c["sigma"][0]) for c in spy.calls[:3]] == list(ts[:3])
+        torch.testing.assert_close(spy.calls[-1]["x"], expected)
+        torch.testing.assert_close(spy.calls[-1]["sigma"], t)
+        if t_index == 0:
+            assert torch.equal(spy.calls[-1]["x"], eps)  # at t = 1 simulation and interpolation agree
+
+
+@pytest.mark.slow
 def test_real_samples_are_renoised_teacher_latents(setup):
     """Regression ("real" = noise mixed with noise): real = (1 − t̂)·x0 + t̂·ε2, sharing t̂ with fake."""
     models, batch, opt_g, opt_d = setup

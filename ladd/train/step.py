@@ -4,6 +4,7 @@
 
     ONLINE, every step, per sample:
       1. t ~ curriculum;  x_t = (1 − t)·x0 + t·ε                 student input, never pure noise at t < 1
+         (method.student_inputs "simulate": x_t from the student's own Euler steps from ε, as at inference)
       2. v = student(x_t, t, c);  x̂0 = x_t − t·v                 velocity -> denoised latent
       3. t̂ ~ logit-normal(m, s), shared by the pair
          fake = (1 − t̂)·x̂0 + t̂·ε1;  real = (1 − t̂)·x0 + t̂·ε2    real = re-noised *teacher latent*, not noise
@@ -130,11 +131,32 @@ def draw_noise(batch: Batch, step: int, cfg: MethodConfig, rng: torch.Generator)
     return t, eps, t_hat, eps1, eps2
 
 
-def student_x0(student: ZImageAdapter, batch: Batch, t: Tensor, eps: Tensor) -> Tensor:
-    """Steps 1-2: x_t = (1 − t)·x0 + t·ε, v = student(x_t, t), x̂0 = x_t − t·v."""
-    x_t = interpolate(batch.x0, eps, t)
+def student_x0(student: ZImageAdapter, batch: Batch, t: Tensor, eps: Tensor, cfg: MethodConfig) -> Tensor:
+    """Steps 1-2: x_t = (1 − t)·x0 + t·ε (or the simulated x_t), v = student(x_t, t), x̂0 = x_t − t·v."""
+    if cfg.student_inputs == "simulate":
+        x_t = simulated_input(student, batch.cap_feats, t, eps, cfg.student_timesteps)
+    else:
+        x_t = interpolate(batch.x0, eps, t)
     v = student(x_t, t, batch.cap_feats).velocity
     return x0_from_velocity(x_t, v, t)
+
+
+@torch.no_grad()
+def simulated_input(student: ZImageAdapter, cap_feats, t: Tensor, eps: Tensor, timesteps: Sequence[float]) -> Tensor:
+    """x_t as few-step inference reaches it: x = ε at timesteps[0], then Euler steps
+    x ← x + (t_{j+1} − t_j)·student(x, t_j) (no grad); each sample keeps the state at its own t.
+
+    Trains each later step on what the earlier ones really hand it (their errors included) instead of
+    the ideal (1 − t)·x0 + t·ε. Every sample runs the whole chain, len(timesteps) − 1 forwards: the same
+    number on every rank, as FSDP's collectives need.
+    """
+    out, x = eps.clone(), eps
+    for now, nxt in zip(timesteps[:-1], timesteps[1:]):
+        v = student(x, torch.full_like(t, now), cap_feats).velocity
+        x = x + (nxt - now) * v.float()
+        here = torch.isclose(t, torch.tensor(nxt, dtype=t.dtype, device=t.device))
+        out[here] = x[here].to(out.dtype)
+    return out
 
 
 def teacher_taps(teacher: ZImageAdapter, x: Tensor, t_hat: Tensor, cap_feats, taps) -> dict[int, Tensor]:
@@ -146,7 +168,7 @@ def disc_inputs_no_grad(models: LaddModels, batch: Batch, step: int, cfg: Method
     """Steps 1-4 for a D-only step: no graph anywhere; real and fake share one teacher batch."""
     t, eps, t_hat, eps1, eps2 = draw_noise(batch, step, cfg, rng)
     with torch.no_grad():
-        x0_hat = student_x0(models.student, batch, t, eps)
+        x0_hat = student_x0(models.student, batch, t, eps, cfg)
         fake = interpolate(x0_hat, eps1, t_hat)
         real = interpolate(batch.x0, eps2, t_hat)
         both = teacher_taps(
@@ -186,7 +208,7 @@ def generator_step(
     for i, batch in enumerate(micro_batches):
         set_gradient_sync(student, i == n - 1)  # reduce gradients once, after the last micro-batch
         t, eps, t_hat, eps1, eps2 = draw_noise(batch, step, cfg, rng)
-        x0_hat = student_x0(student, batch, t, eps)
+        x0_hat = student_x0(student, batch, t, eps, cfg)
         fake = interpolate(x0_hat, eps1, t_hat)
         with torch.no_grad():
             real_feats = teacher_taps(teacher, interpolate(batch.x0, eps2, t_hat), t_hat, batch.cap_feats, disc.layers)
