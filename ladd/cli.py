@@ -142,7 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="train and evaluate on aspect-ratio buckets (e.g. 'toy': 64x64, 80x48, 48x80; the "
                            "teacher must know them); results per bucket; default runs/demo-buckets")
     demo.add_argument("--ablation", action="store_true",
-                      help="also pure LADD and distillation alone, same data and seeds (report.json `ablation`)")
+                      help="also pure LADD (configs/toy-ladd.toml) and distillation alone, same data and seeds "
+                           "(report.json `ablation`)")
     demo.add_argument("--smoke", action="store_true", help="only the seconds-long foundation smoke run")
     demo.add_argument("--seed", type=int, default=0, help="seed of the smoke run")
     demo.set_defaults(func=cmd_demo)

@@ -130,7 +130,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     base = load_config(cfg.config, list(cfg.overrides))
     ema = base.train.ema_decay > 0  # a run that keeps an EMA is judged (and exported) by it
     steps = cfg.steps or (max(base.train.steps // 3, 1) if cfg.quick else base.train.steps)
-    def trained(run: Path, seed: int, extra: tuple[str, ...] = ()) -> Path:
+    def trained(run: Path, seed: int, extra: tuple[str, ...] = (), config: str | None = None) -> Path:
         latest = Checkpointer(run / "checkpoints", None).latest()
         if latest is not None and json.loads((latest / "meta.json").read_text())["step"] >= steps:
             return run
@@ -138,15 +138,16 @@ def run_demo(cfg: DemoConfig) -> dict:
             sets = [f'model.pipeline="{cfg.pipeline}"', f'data.path="{out / "data" / "train"}"',
                     f'train.out="{run}"', f"train.seed={seed}", f"data.seed={seed}", f"train.steps={steps}",
                     *cfg.overrides, *extra]
-            result = train(load_config(cfg.config, sets))
+            result = train(load_config(config or cfg.config, sets))
             if result["stopped"]:
                 print0(f"{run}: training stopped early ({result['stopped']})")
         return run
 
     runs = [trained(out / "runs" / f"seed-{seed}", seed) for seed in range(cfg.seeds)]
     # --ablation: the same data, seeds and steps with one term of the student's loss removed.
-    ablation_runs = {name: [trained(out / "runs" / slug / f"seed-{seed}", seed, extra) for seed in range(cfg.seeds)]
-                     for name, (slug, extra) in (ABLATIONS.items() if cfg.ablation else ())}
+    ablation_runs = {name: [trained(out / "runs" / slug / f"seed-{seed}", seed, extra, config)
+                            for seed in range(cfg.seeds)]
+                     for name, (slug, config, extra) in (ABLATIONS.items() if cfg.ablation else ())}
 
     reused.update({"train", "evaluate"} - timings.keys())
 
@@ -238,10 +239,12 @@ def summarize(rows: list[dict], cfg: DemoConfig, timings: dict, steps: int) -> d
     return report
 
 
-# `ladd demo --ablation`: name -> (run folder, what it changes in the config).
+# `ladd demo --ablation`: name -> (run folder, its config (None: the demo's), what it changes in it).
+# Pure LADD trains its own recipe: at the default's rates, without the paired term, it walks away from
+# the teacher (docs/toy-world.md, "Pure LADD").
 ABLATIONS = {
-    "pure LADD (no distillation term)": ("pure-ladd", ("method.distill_weight=0",)),
-    "distillation alone (no adversarial term)": ("distill-only", ("method.adversarial_weight=0",)),
+    "pure LADD (configs/toy-ladd.toml: no distillation term, its own rates)": ("pure-ladd", "configs/toy-ladd.toml", ()),
+    "distillation alone (no adversarial term)": ("distill-only", None, ("method.adversarial_weight=0",)),
 }
 
 

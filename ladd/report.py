@@ -105,7 +105,8 @@ def bucket_table(buckets: dict, fmt) -> str:
 
 
 def ablation_table(variants: dict, fmt) -> str:
-    """`ladd demo --ablation`: each loss term removed in turn, on the default's data and seeds."""
+    """`ladd demo --ablation`: one loss term removed at a time (pure LADD at its own rates), on the default's
+    data and seeds."""
     rows = "".join(
         f"<tr><td>{html.escape(name)}</td><td>{fmt(v['kid']['mean'])} ± {fmt(v['kid']['std'])}</td>"
         f"<td>{fmt(v['gap_closed'])}</td><td>{fmt(v['vs_untrained_se'])}</td>"

@@ -108,7 +108,7 @@ def test_demo_ablation_trains_each_variant_on_the_same_seeds(tmp_path):
     report = run_demo(DemoConfig(**common, ablation=True))
     assert report["kid"]["ladd"] == plain["kid"]["ladd"]  # the default's runs and rows are reused
     assert set(report["ablation"]) == set(ABLATIONS)
-    for name, (slug, _) in ABLATIONS.items():
+    for name, (slug, _, _) in ABLATIONS.items():
         v = report["ablation"][name]
         assert v["kid"]["n"] == 2 and v["kid_minus_default"]["n"] == 2
         runs = [tmp_path / "demo" / "runs" / slug / f"seed-{s}" for s in range(2)]
@@ -116,9 +116,9 @@ def test_demo_ablation_trains_each_variant_on_the_same_seeds(tmp_path):
         default = [json.loads((tmp_path / "demo" / "runs" / f"seed-{s}" / "eval.json").read_text())["rows"][0]["kid"]["mean"]
                    for s in range(2)]
         assert v["kid_minus_default"]["mean"] == pytest.approx(sum(k - d for k, d in zip(kids, default)) / 2)
-        method = read_config(runs[0])["method"]
-        assert (method["distill_weight"], method["adversarial_weight"]) == (
-            (0.0, 1.0) if slug == "pure-ladd" else (10.0, 0.0))
+        method, optim = read_config(runs[0])["method"], read_config(runs[0])["optim"]
+        terms = (method["distill_weight"], method["adversarial_weight"], method["gen_update_interval"], optim["lr_g"])
+        assert terms == ((0.0, 1.0, 3, 3e-5) if slug == "pure-ladd" else (10.0, 0.0, 1, 6e-5))  # own recipe / default's
         assert set(v["health"]) == {"seed-0", "seed-1"} and "drift" in v["health"]["seed-0"]  # replayed per seed
     assert "Ablation (same data, seeds and steps)" in (tmp_path / "demo" / "report.html").read_text()
 

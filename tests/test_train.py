@@ -315,8 +315,8 @@ def test_shipped_configs_load():
     from ladd.data.buckets import parse_buckets
 
     names = sorted(p.name for p in root.glob("*.toml"))
-    assert names == ["toy.toml", "zimage-1024-1gpu-lora.toml", "zimage-1024-8gpu.toml", "zimage-512-1gpu.toml",
-                     "zimage-512-8gpu.toml"]
+    assert names == ["toy-ladd.toml", "toy.toml", "zimage-1024-1gpu-lora.toml", "zimage-1024-8gpu.toml",
+                     "zimage-512-1gpu.toml", "zimage-512-8gpu.toml"]
     for name in names:
         cfg = load_config(root / name)
         assert cfg.data.batch_per_rank >= 2  # the corrected recipe: never hinge on one sample
