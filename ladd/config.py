@@ -129,8 +129,7 @@ class MethodConfig(Section):
     curriculum_warmup_steps: int = 0
     """optimizer steps drawing only the two easiest timesteps"""
     student_inputs: StudentInputs = "interpolate"
-    """the student's input at t: "interpolate" = (1 − t)·x0 + t·ε; "simulate" = the student's own Euler
-    steps from ε through the timesteps above t (no grad), the input 4-step inference gives it"""
+    """input at t: "interpolate" (1 − t)·x0 + t·ε; "simulate": the student's own earlier steps from ε (no grad)"""
     loss: Loss = "hinge"
     """the adversarial loss ("nonsaturating" = the logistic GAN loss)"""
     aggregate: Aggregate = "mean_heads"

@@ -121,8 +121,11 @@ def test_health_rules_mark_trials(tmp_path):
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert health_status(cfg, {"stopped": None}) == "ok"
     rows += [{"step": 10 + i, "d_loss": 2.0, "logit_gap": 0.001} for i in range(6)]
-    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    assert health_status(cfg, {"stopped": None}) == "collapsed"
+    # The disc at chance with no fresh validation: the loop validates next, and that drift decides.
+    for drift, verdict in ((1.5, "collapsed"), (1.1, "ok")):
+        logged = rows + [{"step": 16, "val_diversity_ratio": 0.9, "val_drift": drift}]
+        (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in logged))
+        assert health_status(cfg, {"stopped": None}) == verdict
     near = rows[:10] + [{"step": 10, "val_diversity_ratio": 0.9, "val_drift": 1.1}] + rows[11:]
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in near))
     assert health_status(cfg, {"stopped": None}) == "ok"  # the disc at chance, the student near the teacher
