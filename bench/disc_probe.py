@@ -189,7 +189,7 @@ def main() -> None:
     losses = train_disc(disc, train, args.disc_steps, args.disc_lr, 64, args.seed)
     result = {"student": args.student, "checkpoint": str(ckpt) if ckpt else None, "levels": levels,
               "one_step_mse_to_teacher": mse(fake_held, held_split["x0"]),
-              "disc_loss_first_last_100": [sum(losses[:100]) / 100, sum(losses[-100:]) / 100],
+              "disc_loss_first_last_100": [sum(part) / len(part) for part in (losses[:100], losses[-100:])],
               "held_out_accuracy": accuracy(disc, held, levels),
               "train_accuracy": accuracy(disc, train, levels),
               "chance_cos": 1 / math.sqrt(held_split["x0"][0].numel()),
@@ -201,11 +201,11 @@ def main() -> None:
         result["run_disc_held_out_accuracy"] = accuracy(run_disc, held, levels)
         result["run_disc_gradient"] = gradient_alignment(run_disc, teacher, held_split, fake_held, levels,
                                                          args.n_grad, args.seed + 2)
+    first, last = result["disc_loss_first_last_100"]
     print(f"{args.student}: one-step MSE to the teacher {result['one_step_mse_to_teacher']:.4f}; "
-          f"converged disc loss {result['disc_loss_first_last_100'][0]:.3f} -> {result['disc_loss_first_last_100'][1]:.3f}"
-          f"; |cos| of a random direction ≈ {result['chance_cos']:.3f}")
-    print(f"{'t̂':>5} | {'acc held (all / per head)':<30} | {'acc train':>9} | {'cos(g, x0 − x̂0) converged':<28} | "
-          f"{'heads share':<18}" + (" | run disc: acc, cos" if ckpt else ""))
+          f"converged disc loss {first:.3f} -> {last:.3f}; |cos| of a random direction ≈ {result['chance_cos']:.3f}")
+    print(f"{'t̂':>5} | {'acc held (all / per head)':<30} | {'acc train':>9} | "
+          f"{'cos(g, x0 − x̂0) converged':<28} | {'heads share':<18}" + (" | run disc: acc, cos" if ckpt else ""))
     for level in levels:
         a, tr, gc = result["held_out_accuracy"][level], result["train_accuracy"][level], \
             result["converged_disc_gradient"][level]

@@ -320,7 +320,7 @@ class HealthConfig(Section):
     collapse_d_loss: float = 1.8
     """... while the mean d_loss stays above this, and ..."""
     collapse_drift: float = 1.3
-    """... a validation at most a window old (run at once if there is none) has drift above this -> collapse (0: none needed)"""
+    """... a validation at most a window old (run at once if none) has drift above this -> collapse (0: no wait)"""
     diversity_fraction: float = 0.2
     """validation images closer than this × the teacher's spread -> collapse"""
     drift_factor: float = 2.2

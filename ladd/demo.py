@@ -243,7 +243,8 @@ def summarize(rows: list[dict], cfg: DemoConfig, timings: dict, steps: int) -> d
 # Pure LADD trains its own recipe: at the default's rates, without the paired term, it walks away from
 # the teacher (docs/toy-world.md, "Pure LADD").
 ABLATIONS = {
-    "pure LADD (configs/toy-ladd.toml: no distillation term, its own rates)": ("pure-ladd", "configs/toy-ladd.toml", ()),
+    "pure LADD (configs/toy-ladd.toml: no distillation term, its own rates)":
+        ("pure-ladd", "configs/toy-ladd.toml", ()),
     "distillation alone (no adversarial term)": ("distill-only", None, ("method.adversarial_weight=0",)),
 }
 
