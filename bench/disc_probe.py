@@ -28,7 +28,8 @@ import math
 
 import torch
 
-from ladd.config import load_config
+from ladd import losses
+from ladd.config import load_config, to_dict
 from ladd.data.shards import ShardDataset
 from ladd.eval.samplers import find_checkpoint, student_transformer, student_weights
 from ladd.flow import interpolate, x0_from_velocity
@@ -79,27 +80,23 @@ def cached_taps(teacher: ZImageAdapter, split: dict, fake: torch.Tensor, levels:
     return out
 
 
-def hinge(real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
-    return torch.relu(1 - real).mean() + torch.relu(1 + fake).mean()
-
-
 def train_disc(disc: Discriminator, train: list[dict], steps: int, lr: float, batch: int, seed: int) -> list[float]:
     """Hinge on the cached taps (every head its own loss, as method.aggregate "mean_heads"), Adam."""
     opt = torch.optim.Adam(disc.parameters(), lr=lr)
     g = torch.Generator().manual_seed(seed)
     n = len(train[0]["t_hat"])
-    losses = []
+    history = []
     for _ in range(steps):
         e = train[int(torch.randint(len(train), (1,), generator=g))]
         idx = torch.randint(n, (batch,), generator=g)
         real = disc({k: f[idx] for k, f in e["real"].items()}, e["t_hat"][idx], e["text"][idx])
         fake = disc({k: f[idx] for k, f in e["fake"].items()}, e["t_hat"][idx], e["text"][idx])
-        loss = hinge(real, fake)
+        loss = losses.d_loss(real, fake, "hinge", "mean_heads")
         opt.zero_grad()
         loss.backward()
         opt.step()
-        losses.append(loss.item())
-    return losses
+        history.append(loss.item())
+    return history
 
 
 @torch.no_grad()
@@ -127,14 +124,11 @@ def gradient_alignment(disc: Discriminator, teacher: ZImageAdapter, split: dict,
     for level in levels:
         t_hat = torch.full((n,), level)
         noise = torch.randn(x_hat.shape, generator=g)
-        grads = []
-        for j in range(len(disc.layers)):
-            x = x_hat.clone().requires_grad_(True)
-            feats = teacher(interpolate(x, noise, t_hat), t_hat, split["caps"][:n], taps=disc.layers,
-                            velocity=False).feats
-            logits = disc(feats, t_hat, split["pooled"][:n])
-            (grad,) = torch.autograd.grad(logits[:, j].sum(), x)
-            grads.append(grad.flatten(1))
+        x = x_hat.clone().requires_grad_(True)  # one teacher pass; each head's gradient from its graph
+        feats = teacher(interpolate(x, noise, t_hat), t_hat, split["caps"][:n], taps=disc.layers, velocity=False).feats
+        logits = disc(feats, t_hat, split["pooled"][:n])
+        grads = [torch.autograd.grad(logits[:, j].sum(), x, retain_graph=True)[0].flatten(1)
+                 for j in range(len(disc.layers))]
         total = sum(grads)
         cos = lambda a: torch.nn.functional.cosine_similarity(a, d, dim=1)  # noqa: E731
         norms = torch.stack([gr.norm(dim=1).pow(2).mean() for gr in grads])
@@ -162,10 +156,7 @@ def main() -> None:
     levels = [float(v) for v in args.levels.split(",")]
     untrained = args.student == "untrained"
     ckpt = None if untrained else find_checkpoint(args.student)
-    config = load_config(args.config) if untrained else None
-    model = config.model if untrained else None
-    cfg = {"pipeline": model.pipeline, "disc_layers": model.disc_layers, "disc_hidden": model.disc_hidden,
-           "disc_cond_dim": model.disc_cond_dim} if untrained else read_config(ckpt)["model"]
+    cfg = to_dict(load_config(args.config))["model"] if untrained else read_config(ckpt)["model"]
     pipe = load_pipeline(resolve_pipeline(cfg["pipeline"]))
     teacher = ZImageAdapter(pipe.transformer).requires_grad_(False).eval()
     if untrained:
@@ -186,10 +177,10 @@ def main() -> None:
     train = cached_taps(teacher, train_split, fake_train, levels, layers, draws=2, batch=32, seed=args.seed)
     held = cached_taps(teacher, held_split, fake_held, levels, layers, draws=1, batch=32, seed=args.seed + 1)
     disc = new_disc()
-    losses = train_disc(disc, train, args.disc_steps, args.disc_lr, 64, args.seed)
+    history = train_disc(disc, train, args.disc_steps, args.disc_lr, 64, args.seed)
     result = {"student": args.student, "checkpoint": str(ckpt) if ckpt else None, "levels": levels,
               "one_step_mse_to_teacher": mse(fake_held, held_split["x0"]),
-              "disc_loss_first_last_100": [sum(part) / len(part) for part in (losses[:100], losses[-100:])],
+              "disc_loss_first_last_100": [sum(part) / len(part) for part in (history[:100], history[-100:])],
               "held_out_accuracy": accuracy(disc, held, levels),
               "train_accuracy": accuracy(disc, train, levels),
               "chance_cos": 1 / math.sqrt(held_split["x0"][0].numel()),
