@@ -34,6 +34,7 @@ Aggregate = Literal["mean_heads", "sum_logits"]
 Optimizer = Literal["adamw", "adamw8bit"]
 Decay = Literal["none", "linear", "cosine"]
 StudentInputs = Literal["interpolate", "simulate"]
+AdversarialNoise = Literal["paired", "fresh"]
 MixedPrecision = Literal["auto", "bf16", "no"]
 OnCollapse = Literal["warn", "stop", "rollback"]
 Tracker = Literal["tensorboard", "wandb"]
@@ -138,6 +139,8 @@ class MethodConfig(Section):
     """γ; adds γ/2·E‖∇D(real features)‖² to the disc loss when > 0"""
     distill_weight: float = 0.0
     """λ > 0: student inputs use the teacher's own initial noise, + λ·‖x̂0 − x0‖²"""
+    adversarial_noise: AdversarialNoise = "paired"
+    """with λ > 0, the fake's noise: "paired" (the pair's, one pass) or "fresh" (new ε, a second pass)"""
     adversarial_weight: float = 1.0
     """scale of the student's adversarial loss; 0 with distill_weight > 0 is distillation alone (an ablation)"""
     grad_clip_g: float = 1.0

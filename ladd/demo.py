@@ -304,6 +304,8 @@ def method_line(m: dict) -> str:
     line = f"LADD ({m['loss']} loss, G every {m['gen_update_interval']} steps, re-noise m = {m['renoise_m']})"
     if m.get("distill_weight", 0) > 0:
         line += f" + {m['distill_weight']:g} × paired distillation ‖x̂0 − x0‖² (from each latent's own teacher noise)"
+        if m.get("adversarial_noise") == "fresh":
+            line += "; the disc judges a second pass from fresh noise"
     if m.get("student_inputs") == "simulate":
         line += "; student inputs from its own earlier steps"
     return line

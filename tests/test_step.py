@@ -106,7 +106,7 @@ def test_real_samples_are_renoised_teacher_latents(setup):
     models, batch, opt_g, opt_d = setup
     cfg = MethodConfig()
     spy = Spy(models.teacher)
-    _, _, t_hat, _, eps2 = draw_noise(batch, 1, cfg, torch.Generator().manual_seed(3))
+    _, _, t_hat, _, eps2, _ = draw_noise(batch, 1, cfg, torch.Generator().manual_seed(3))
     disc_inputs_no_grad(models, batch, 1, cfg, torch.Generator().manual_seed(3))
     (call,) = spy.calls  # D-only step: real and fake in one teacher batch
     real = call["x"][:2]
@@ -196,7 +196,7 @@ def test_distillation_uses_the_teacher_noise_and_adds_the_regression(setup, adve
     paired = Batch(batch.x0, batch.cap_feats, batch.text_cond, pair_eps)
     cfg = MethodConfig(distill_weight=2.0, adversarial_weight=adversarial, student_timestep_probs=(0, 0, 0, 1.0))
     # By hand, on a copy of the student, from the same random draws.
-    t, _, t_hat, eps1, _ = draw_noise(paired, 0, cfg, torch.Generator().manual_seed(4))
+    t, _, t_hat, eps1, _, _ = draw_noise(paired, 0, cfg, torch.Generator().manual_seed(4))
     ref = copy.deepcopy(models.student)
     x_t = 0.75 * batch.x0 + 0.25 * pair_eps
     x0_hat = x_t - t.view(-1, 1, 1, 1) * ref(x_t, t, batch.cap_feats).velocity
@@ -220,6 +220,43 @@ def test_distillation_uses_the_teacher_noise_and_adds_the_regression(setup, adve
         MethodConfig(distill_weight=-1)
     with pytest.raises(ConfigError, match="the student has no loss"):
         MethodConfig(adversarial_weight=0)
+
+
+def test_fresh_adversarial_noise_judges_a_second_pass_on_new_noise(setup):
+    """method.adversarial_noise = "fresh": the disc's fake comes from x_t = (1 − t)·x0 + t·ε with the
+    step's fresh ε, the paired term from a second pass on x0's own noise ε_T; the student's gradient is
+    that of −disc(fake from the fresh pass) + λ·mean((x̂0_pair − x0)²), by hand; D-only steps use ε."""
+    models, batch, opt_g, opt_d = setup
+    pair_eps = torch.randn(batch.x0.shape, generator=torch.Generator().manual_seed(9))
+    paired = Batch(batch.x0, batch.cap_feats, batch.text_cond, pair_eps)
+    cfg = MethodConfig(distill_weight=2.0, adversarial_noise="fresh", student_timestep_probs=(0, 0, 0, 1.0))
+    t, eps, t_hat, eps1, _, pair = draw_noise(paired, 0, cfg, torch.Generator().manual_seed(4))
+    assert pair is pair_eps and not torch.equal(eps, pair_eps)
+    ref = copy.deepcopy(models.student)
+
+    def x0_of(x_t):
+        return x_t - t.view(-1, 1, 1, 1) * ref(x_t, t, batch.cap_feats).velocity
+
+    x_fresh, x_pair = 0.75 * batch.x0 + 0.25 * eps, 0.75 * batch.x0 + 0.25 * pair_eps
+    feats = models.teacher(interpolate(x0_of(x_fresh), eps1, t_hat), t_hat, batch.cap_feats,
+                           taps=models.disc.layers, velocity=False).feats
+    mse = (x0_of(x_pair) - batch.x0).square().mean()
+    (-models.disc(feats, t_hat, batch.text_cond).mean() + 2.0 * mse).backward()
+    want = [p.grad for p in trainable(ref)]
+    spy, got, opt_step = Spy(models.student), [], opt_g.step
+    opt_g.step = lambda *a: (got.extend(p.grad.clone() for p in trainable(models.student)), opt_step(*a))
+    metrics, _ = generator_step(models, opt_g, [paired], 0, cfg, torch.Generator().manual_seed(4))
+    assert len(spy.calls) == 2
+    torch.testing.assert_close(spy.calls[0]["x"], x_fresh)
+    torch.testing.assert_close(spy.calls[1]["x"], x_pair)
+    assert metrics["distill_loss"] == pytest.approx(mse.item(), rel=1e-5)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6)
+    spy.calls.clear()
+    disc_inputs_no_grad(models, paired, 1, cfg, torch.Generator().manual_seed(4))
+    torch.testing.assert_close(spy.calls[0]["x"], x_fresh)
+    with pytest.raises(ConfigError, match="adversarial_noise"):
+        MethodConfig(adversarial_noise="both")
 
 
 def test_d_step_moves_only_the_disc_and_r1(setup):

@@ -240,7 +240,7 @@ def test_gradient_accumulation_equivalence(monkeypatch):
 
     def fixed_noise(batch, *_):
         rows = [int(torch.nonzero((x0 == r).flatten(1).all(1))[0]) for r in batch.x0]
-        return tuple(n[rows] for n in noise)
+        return (*(n[rows] for n in noise), None)
 
     monkeypatch.setattr(step, "draw_noise", fixed_noise)
     grads = []

@@ -15,7 +15,9 @@
          -> student update. The same F_fake (detached) then feeds the D-step: one fake teacher pass.
 
     PAIRED DISTILLATION (method.distill_weight λ > 0, not in the blog): ε in step 1 is x0's own teacher
-    noise (the precompute's seed rule) and the G-step loss is g_loss + λ·mean((x̂0 − x0)²).
+    noise (the precompute's seed rule) and the G-step loss is g_loss + λ·mean((x̂0 − x0)²). With
+    method.adversarial_noise "fresh", only the paired term uses that noise: the fake comes from a second
+    student pass on fresh ε, so the disc judges the student on noises no pair holds.
 
 `generator_step` and `discriminator_step` each own their optimizer, zero_grad, clipping and
 requires_grad handling; `ladd_step` composes them. A list of micro-batches is one optimizer step
@@ -116,7 +118,11 @@ def apply_update(params: Sequence[Tensor], opt: torch.optim.Optimizer, max_norm:
 
 
 def draw_noise(batch: Batch, step: int, cfg: MethodConfig, rng: torch.Generator):
-    """All randomness of one micro-batch, in a fixed order (exact resume relies on it)."""
+    """All randomness of one micro-batch, in a fixed order (exact resume relies on it).
+
+    Returns (t, ε, t̂, ε1, ε2, ε_pair): ε is fresh noise, ε_pair each x0's own teacher noise when the
+    paired term is on (else None). `adversarial_eps` picks which of the two the adversarial term uses.
+    """
     x0 = batch.x0
     B, device = len(batch), x0.device
     t = cfg.curriculum().sample(step, B, generator=rng, device=device)
@@ -124,11 +130,17 @@ def draw_noise(batch: Batch, step: int, cfg: MethodConfig, rng: torch.Generator)
     t_hat = logit_normal(B, cfg.renoise_m, cfg.renoise_s, generator=rng, device=device)
     eps1 = torch.randn(x0.shape, generator=rng, device=device)
     eps2 = torch.randn(x0.shape, generator=rng, device=device)
+    pair = None
     if cfg.distill_weight > 0:
         if batch.pair_eps is None:
             raise ValueError("method.distill_weight > 0 needs each sample's teacher noise (Batch.pair_eps)")
-        eps = batch.pair_eps  # drawn above all the same, so the random stream does not depend on it
-    return t, eps, t_hat, eps1, eps2
+        pair = batch.pair_eps  # ε is drawn all the same, so the random stream does not depend on it
+    return t, eps, t_hat, eps1, eps2, pair
+
+
+def adversarial_eps(eps: Tensor, pair: Tensor | None, cfg: MethodConfig) -> Tensor:
+    """The student's noise for the fake the disc judges: the pair's unless `adversarial_noise` is "fresh"."""
+    return pair if pair is not None and cfg.adversarial_noise == "paired" else eps
 
 
 def student_x0(student: ZImageAdapter, batch: Batch, t: Tensor, eps: Tensor, cfg: MethodConfig) -> Tensor:
@@ -166,9 +178,9 @@ def teacher_taps(teacher: ZImageAdapter, x: Tensor, t_hat: Tensor, cap_feats, ta
 
 def disc_inputs_no_grad(models: LaddModels, batch: Batch, step: int, cfg: MethodConfig, rng) -> DiscInputs:
     """Steps 1-4 for a D-only step: no graph anywhere; real and fake share one teacher batch."""
-    t, eps, t_hat, eps1, eps2 = draw_noise(batch, step, cfg, rng)
+    t, eps, t_hat, eps1, eps2, pair = draw_noise(batch, step, cfg, rng)
     with torch.no_grad():
-        x0_hat = student_x0(models.student, batch, t, eps, cfg)
+        x0_hat = student_x0(models.student, batch, t, adversarial_eps(eps, pair, cfg), cfg)
         fake = interpolate(x0_hat, eps1, t_hat)
         real = interpolate(batch.x0, eps2, t_hat)
         both = teacher_taps(
@@ -207,8 +219,10 @@ def generator_step(
     t_total, distill_total = 0.0, 0.0
     for i, batch in enumerate(micro_batches):
         set_gradient_sync(student, i == n - 1)  # reduce gradients once, after the last micro-batch
-        t, eps, t_hat, eps1, eps2 = draw_noise(batch, step, cfg, rng)
-        x0_hat = student_x0(student, batch, t, eps, cfg)
+        t, eps, t_hat, eps1, eps2, pair = draw_noise(batch, step, cfg, rng)
+        x0_hat = student_x0(student, batch, t, adversarial_eps(eps, pair, cfg), cfg)
+        # The paired term's x̂0: the same pass, or its own one when the adversarial noise is fresh.
+        x0_pair = x0_hat if pair is None or cfg.adversarial_noise == "paired" else student_x0(student, batch, t, pair, cfg)
         fake = interpolate(x0_hat, eps1, t_hat)
         with torch.no_grad():
             real_feats = teacher_taps(teacher, interpolate(batch.x0, eps2, t_hat), t_hat, batch.cap_feats, disc.layers)
@@ -217,7 +231,7 @@ def generator_step(
             fake_logits = disc(fake_feats, t_hat, batch.text_cond)
             loss = cfg.adversarial_weight * losses.g_loss(fake_logits, cfg.loss, cfg.aggregate)  # × 1.0 is exact
             if cfg.distill_weight > 0:
-                distill = (x0_hat - batch.x0).square().mean()
+                distill = (x0_pair - batch.x0).square().mean()
                 loss = loss + cfg.distill_weight * distill
                 distill_total += distill.item() / n
             (loss / n).backward()
