@@ -141,6 +141,8 @@ class MethodConfig(Section):
     """λ > 0: student inputs use the teacher's own initial noise, + λ·‖x̂0 − x0‖²"""
     adversarial_noise: AdversarialNoise = "paired"
     """with λ > 0, the fake's noise: "paired" (the pair's, one pass) or "fresh" (new ε, a second pass)"""
+    mismatch_weight: float = 0.0
+    """w > 0: the disc also learns real latents under another sample's caption as fake, weighted w"""
     adversarial_weight: float = 1.0
     """scale of the student's adversarial loss; 0 with distill_weight > 0 is distillation alone (an ablation)"""
     grad_clip_g: float = 1.0
@@ -155,7 +157,7 @@ class MethodConfig(Section):
         self.student_timestep_probs = tuple(float(p) for p in self.student_timestep_probs)
         self.at_least(1, "gen_update_interval")
         self.at_least(0, "disc_warmup_steps", "curriculum_warmup_steps", "r1_weight", "distill_weight",
-                      "adversarial_weight", "grad_clip_g", "grad_clip_d")
+                      "mismatch_weight", "adversarial_weight", "grad_clip_g", "grad_clip_d")
         if self.adversarial_weight == 0 and self.distill_weight == 0:
             raise ConfigError("method.adversarial_weight = 0 and method.distill_weight = 0: the student has no loss; "
                               "set one of them above 0")

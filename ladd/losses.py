@@ -94,6 +94,18 @@ def g_loss(fake_logits: Tensor, kind: str = "hinge", aggregate: str = "mean_head
     return torch.stack([loss(fake_logits[:, j]) for j in range(fake_logits.shape[1])]).mean()
 
 
+def fake_side_per_sample(fake_logits: Tensor, kind: str = "hinge", aggregate: str = "mean_heads") -> Tensor:
+    """(B,) the fake half of d_loss for each sample: relu(1 + D) (hinge) or softplus(D) (non-saturating),
+    averaged over heads (mean_heads) or of the summed logit (sum_logits). d_loss's fake term is its mean."""
+    _check_kind(kind, aggregate)
+    _check_logits(fake_logits, "fake_logits")
+
+    def side(x: Tensor) -> Tensor:
+        return F.relu(1 + x) if kind == "hinge" else F.softplus(x)
+
+    return side(fake_logits.sum(dim=1)) if aggregate == "sum_logits" else side(fake_logits).mean(dim=1)
+
+
 def r1_penalty(real_logits_sum: Tensor, inputs: list[Tensor]) -> Tensor:
     """R1 gradient penalty on real samples: R1 = E_x[ ||grad_x D(x)||^2 ].
 

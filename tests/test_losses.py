@@ -8,6 +8,7 @@ import torch
 from ladd.losses import (
     d_loss,
     disc_metrics,
+    fake_side_per_sample,
     g_loss,
     hinge_d_loss,
     hinge_g_loss,
@@ -89,6 +90,21 @@ def test_nonsaturating_aggregates():
     summed = (sp(0.0) + sp(-2.5)) / 2 + (sp(-2.0) + sp(3.0)) / 2
     close(d_loss(REAL2, FAKE2, "nonsaturating", "sum_logits"), summed)
     close(g_loss(FAKE2, "nonsaturating", "sum_logits"), (sp(2.0) + sp(-3.0)) / 2)
+
+
+def test_fake_side_per_sample_by_hand():
+    """The fake half of d_loss, sample by sample: FAKE2 = [[0, -2], [1, 2]], sums [-2, 3]."""
+    torch.testing.assert_close(fake_side_per_sample(FAKE2, "hinge", "mean_heads"),
+                               torch.tensor([(1 + 0) / 2, (2 + 3) / 2]))
+    torch.testing.assert_close(fake_side_per_sample(FAKE2, "hinge", "sum_logits"), torch.tensor([0.0, 4.0]))
+    torch.testing.assert_close(fake_side_per_sample(FAKE2, "nonsaturating", "mean_heads"),
+                               torch.tensor([(sp(0.0) + sp(-2.0)) / 2, (sp(1.0) + sp(2.0)) / 2]))
+    torch.testing.assert_close(fake_side_per_sample(FAKE2, "nonsaturating", "sum_logits"),
+                               torch.tensor([sp(-2.0), sp(3.0)]))
+    # Its mean is d_loss's fake term: with reals past the margin the real term is 0 (hinge).
+    for aggregate in ("mean_heads", "sum_logits"):
+        close(d_loss(torch.full((2, 2), 5.0), FAKE2, "hinge", aggregate),
+              fake_side_per_sample(FAKE2, "hinge", aggregate).mean().item())
 
 
 def test_nonsaturating_is_stable_for_large_logits():

@@ -7,12 +7,14 @@ import torch
 
 from ladd.config import ConfigError, MethodConfig
 from ladd.flow import interpolate
+from ladd.losses import hinge_d_loss
 from ladd.models.discriminator import Discriminator
 from ladd.models.text import encode_prompts, pooled
 from ladd.models.tiny import build_tiny_pipeline
 from ladd.models.zimage import ZImageAdapter
 from ladd.train.step import (
-    Batch, LaddModels, discriminator_step, disc_inputs_no_grad, draw_noise, generator_step, ladd_step, trainable,
+    Batch, DiscInputs, LaddModels, discriminator_step, disc_inputs_no_grad, draw_noise, generator_step, ladd_step,
+    trainable,
 )
 from tests.conftest import PROMPTS
 
@@ -257,6 +259,39 @@ def test_fresh_adversarial_noise_judges_a_second_pass_on_new_noise(setup):
     torch.testing.assert_close(spy.calls[0]["x"], x_fresh)
     with pytest.raises(ConfigError, match="adversarial_noise"):
         MethodConfig(adversarial_noise="both")
+
+
+def test_mismatched_captions_are_fakes_for_the_disc(setup):
+    """method.mismatch_weight w: the D-step adds w × the fake half of the disc loss on the real
+    features judged under the next sample's caption (text_cond rolled by one); a row whose rolled
+    caption is its own weighs nothing. The disc's gradient equals that loss's, by hand."""
+    models, batch, opt_g, opt_d = setup
+    cfg = MethodConfig(mismatch_weight=0.5, grad_clip_d=0)  # unclipped: the gradient itself
+    x = disc_inputs_no_grad(models, batch, 1, cfg, torch.Generator().manual_seed(0))
+    rows = [0, 1, 0]  # a repeated caption: rolled by one, row 0 meets its own (row 2's) caption
+    repeated = DiscInputs({k: f[rows] for k, f in x.real.items()}, {k: f[rows] for k, f in x.fake.items()},
+                          x.t_hat[rows], x.text_cond[rows])
+    for xi, weight in ((x, torch.tensor([1.0, 1.0])), (repeated, torch.tensor([0.0, 1.0, 1.0]))):
+        cond = xi.text_cond
+        ref = copy.deepcopy(models.disc)
+        real, fake = ref(xi.real, xi.t_hat, cond), ref(xi.fake, xi.t_hat, cond)
+        mis = ref(xi.real, xi.t_hat, cond.roll(1, dims=0))
+        per = torch.relu(1 + mis).mean(dim=1)
+        want_mis = (per * weight).sum() / weight.sum()
+        (hinge_d_loss(real, fake) + 0.5 * want_mis).backward()
+        want = [p.grad.clone() for p in trainable(ref)]
+        got, opt_step = [], opt_d.step
+        opt_d.step = lambda *a: (got.extend(p.grad.clone() for p in trainable(models.disc)), opt_step(*a))
+        before = copy.deepcopy(models.disc.state_dict())
+        m = discriminator_step(models.disc, opt_d, [xi], cfg)
+        models.disc.load_state_dict(before)
+        opt_d.step = opt_step
+        assert m["mismatch_loss"] == pytest.approx(want_mis.item(), rel=1e-5)
+        assert 0 <= m["accuracy_mismatch"] <= 1
+        for g, w in zip(got, want, strict=True):
+            torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6)
+    with pytest.raises(ConfigError, match="mismatch_weight must be >= 0"):
+        MethodConfig(mismatch_weight=-1)
 
 
 def test_d_step_moves_only_the_disc_and_r1(setup):

@@ -19,6 +19,10 @@
     method.adversarial_noise "fresh", only the paired term uses that noise: the fake comes from a second
     student pass on fresh ε, so the disc judges the student on noises no pair holds.
 
+    MISMATCHED CAPTIONS (method.mismatch_weight w > 0, as SANA-Sprint and AMD's Nitro): the D-step also
+    scores each real latent's features under the next sample's caption as fake, weighted w, so the
+    disc has to read the prompt and the student's gradient carries it.
+
 `generator_step` and `discriminator_step` each own their optimizer, zero_grad, clipping and
 requires_grad handling; `ladd_step` composes them. A list of micro-batches is one optimizer step
 (gradient accumulation: each micro-batch's loss is scaled by 1/n and back-propagated at once, so only
@@ -245,13 +249,29 @@ def generator_step(
     return metrics, out
 
 
+def mismatch_loss(disc: Discriminator, x: DiscInputs, cfg: MethodConfig) -> tuple[Tensor, float]:
+    """The fake half of the disc loss on real latents judged under the next sample's caption
+    (text_cond rolled by one), and the disc's accuracy on them (logit sum < 0).
+
+    Rows whose rolled caption equals their own carry no weight. All rows run through the disc all the
+    same, so every rank makes the same calls whatever its captions (FSDP's collectives need it).
+    """
+    other = x.text_cond.roll(1, dims=0)
+    differs = ((other - x.text_cond).abs().flatten(1).amax(dim=1) > 0).float()
+    logits = disc({k: f.detach() for k, f in x.real.items()}, x.t_hat, other)
+    per_sample = losses.fake_side_per_sample(logits, cfg.loss, cfg.aggregate)
+    count = differs.sum().clamp(min=1)
+    accuracy = float(((logits.detach().sum(dim=1) < 0).float() * differs).sum() / count)
+    return (per_sample * differs).sum() / count, accuracy
+
+
 def discriminator_step(
     disc: Discriminator, opt_d: torch.optim.Optimizer, inputs: Sequence[DiscInputs], cfg: MethodConfig
 ) -> dict[str, float]:
     """Update the disc to tell re-noised teacher latents (real) from re-noised student ones (fake)."""
     opt_d.zero_grad(set_to_none=True)
     n = len(inputs)
-    reals, fakes, d_total, r1_total = [], [], 0.0, 0.0
+    reals, fakes, d_total, r1_total, mis_total, mis_acc_total = [], [], 0.0, 0.0, 0.0, 0.0
     for i, x in enumerate(inputs):
         set_gradient_sync(disc, i == n - 1)
         real = x.real
@@ -262,6 +282,11 @@ def discriminator_step(
         fake_logits = disc(x.fake, x.t_hat, x.text_cond)
         d_loss = losses.d_loss(real_logits, fake_logits, cfg.loss, cfg.aggregate)
         loss = d_loss
+        if cfg.mismatch_weight > 0:
+            mis_loss, mis_acc = mismatch_loss(disc, x, cfg)
+            loss = loss + cfg.mismatch_weight * mis_loss
+            mis_total += mis_loss.item() / n
+            mis_acc_total += mis_acc / n
         if cfg.r1_weight > 0:
             r1 = losses.r1_penalty(real_logits.sum(), list(real.values()))
             loss = loss + cfg.r1_weight / 2 * r1
@@ -282,6 +307,8 @@ def discriminator_step(
     )
     if cfg.r1_weight > 0:
         metrics["r1"] = r1_total
+    if cfg.mismatch_weight > 0:
+        metrics.update(mismatch_loss=mis_total, accuracy_mismatch=mis_acc_total)
     return metrics
 
 
