@@ -141,8 +141,6 @@ class MethodConfig(Section):
     """λ > 0: student inputs use the teacher's own initial noise, + λ·‖x̂0 − x0‖²"""
     adversarial_noise: AdversarialNoise = "paired"
     """with λ > 0, the fake's noise: "paired" (the pair's, one pass) or "fresh" (new ε, a second pass)"""
-    feature_distill_weight: float = 0.0
-    """μ > 0 (needs λ > 0): + μ·‖F(x̂0) − F(x0)‖² in the teacher's disc-layer features, same re-noise"""
     mismatch_weight: float = 0.0
     """w > 0: the disc also learns real latents under another sample's caption as fake, weighted w"""
     adversarial_weight: float = 1.0
@@ -159,13 +157,10 @@ class MethodConfig(Section):
         self.student_timestep_probs = tuple(float(p) for p in self.student_timestep_probs)
         self.at_least(1, "gen_update_interval")
         self.at_least(0, "disc_warmup_steps", "curriculum_warmup_steps", "r1_weight", "distill_weight",
-                      "feature_distill_weight", "mismatch_weight", "adversarial_weight", "grad_clip_g", "grad_clip_d")
+                      "mismatch_weight", "adversarial_weight", "grad_clip_g", "grad_clip_d")
         if self.adversarial_weight == 0 and self.distill_weight == 0:
             raise ConfigError("method.adversarial_weight = 0 and method.distill_weight = 0: the student has no loss; "
                               "set one of them above 0")
-        if self.feature_distill_weight > 0 and self.distill_weight == 0:
-            raise ConfigError("method.feature_distill_weight > 0 needs the paired term: set method.distill_weight > 0 "
-                              "(it loads each latent's teacher noise)")
         if self.renoise_s <= 0:
             raise ConfigError(f"method.renoise_s must be > 0, got {self.renoise_s}")
         try:

@@ -203,14 +203,6 @@ def disc_inputs_no_grad(models: LaddModels, batch: Batch, step: int, cfg: Method
     )
 
 
-def feature_distance(feats: dict[int, Tensor], target: dict[int, Tensor]) -> Tensor:
-    """mean over layers k of mean((F_k − T_k)²) / mean(T_k²): each layer's squared error relative to
-    the target's own power, so layers of any scale weigh alike."""
-    per_layer = [(feats[k].float() - target[k].float()).square().mean() / target[k].float().square().mean().clamp(min=1e-12)
-                 for k in target]
-    return torch.stack(per_layer).mean()
-
-
 def generator_step(
     models: LaddModels,
     opt_g: torch.optim.Optimizer,
@@ -228,21 +220,17 @@ def generator_step(
     opt_g.zero_grad(set_to_none=True)
     n = len(micro_batches)
     out: list[DiscInputs] = []
-    t_total, distill_total, feature_total = 0.0, 0.0, 0.0
+    t_total, distill_total = 0.0, 0.0
     for i, batch in enumerate(micro_batches):
         set_gradient_sync(student, i == n - 1)  # reduce gradients once, after the last micro-batch
         t, eps, t_hat, eps1, eps2, pair = draw_noise(batch, step, cfg, rng)
         x0_hat = student_x0(student, batch, t, adversarial_eps(eps, pair, cfg), cfg)
         # The paired term's x̂0: the same pass, or its own one when the adversarial noise is fresh.
         x0_pair = x0_hat if pair is None or cfg.adversarial_noise == "paired" else student_x0(student, batch, t, pair, cfg)
-        # The feature term compares x̂0 and x0 under the same re-noise, so the fake then shares ε2.
-        fake = interpolate(x0_hat, eps2 if cfg.feature_distill_weight > 0 else eps1, t_hat)
+        fake = interpolate(x0_hat, eps1, t_hat)
         with torch.no_grad():
             real_feats = teacher_taps(teacher, interpolate(batch.x0, eps2, t_hat), t_hat, batch.cap_feats, disc.layers)
         fake_feats = teacher_taps(teacher, fake, t_hat, batch.cap_feats, disc.layers)  # live graph
-        if cfg.feature_distill_weight > 0:
-            pair_feats = fake_feats if x0_pair is x0_hat else teacher_taps(
-                teacher, interpolate(x0_pair, eps2, t_hat), t_hat, batch.cap_feats, disc.layers)
         with frozen(disc):
             fake_logits = disc(fake_feats, t_hat, batch.text_cond)
             loss = cfg.adversarial_weight * losses.g_loss(fake_logits, cfg.loss, cfg.aggregate)  # × 1.0 is exact
@@ -250,10 +238,6 @@ def generator_step(
                 distill = (x0_pair - batch.x0).square().mean()
                 loss = loss + cfg.distill_weight * distill
                 distill_total += distill.item() / n
-            if cfg.feature_distill_weight > 0:
-                feature = feature_distance(pair_feats, real_feats)
-                loss = loss + cfg.feature_distill_weight * feature
-                feature_total += feature.item() / n
             (loss / n).backward()
         t_total += t.mean().item() / n
         out.append(DiscInputs(real_feats, {k: f.detach() for k, f in fake_feats.items()}, t_hat, batch.text_cond))
@@ -262,8 +246,6 @@ def generator_step(
     metrics = {"student_grad_norm": grad_norm, "t_mean": t_total}
     if cfg.distill_weight > 0:
         metrics["distill_loss"] = distill_total
-    if cfg.feature_distill_weight > 0:
-        metrics["feature_distill_loss"] = feature_total
     return metrics, out
 
 
