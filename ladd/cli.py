@@ -78,7 +78,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     resolve_pipeline(args.pipeline)  # a missing toy teacher is one line saying how to rebuild it
     try:
         cfg = DemoConfig(out=args.out, seeds=args.seeds, quick=args.quick, pipeline=args.pipeline,
-                         n_train=args.n_train, n_eval=args.n_eval, buckets=args.buckets, ablation=args.ablation)
+                         n_train=args.n_train, n_eval=args.n_eval, buckets=args.buckets, ablation=args.ablation,
+                         curve_seeds=args.curve_seeds)
     except ValueError as e:  # counts below 1, a --buckets spec that is no set of sizes
         print(f"ladd demo: {e}", file=sys.stderr)
         return 2
@@ -144,6 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--ablation", action="store_true",
                       help="also pure LADD (configs/toy-ladd.toml) and distillation alone, same data and seeds "
                            "(report.json `ablation`)")
+    demo.add_argument("--curve-seeds", type=int, default=1,
+                      help="seeds whose earlier checkpoints are scored too, for the KID-over-steps curve (default 1)")
     demo.add_argument("--smoke", action="store_true", help="only the seconds-long foundation smoke run")
     demo.add_argument("--seed", type=int, default=0, help="seed of the smoke run")
     demo.set_defaults(func=cmd_demo)

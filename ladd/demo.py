@@ -49,6 +49,9 @@ class DemoConfig:
     overrides: tuple[str, ...] = ()  # extra `section.key=value` for training
     buckets: str | None = None  # aspect-ratio buckets for training and eval data (precompute --buckets); None: square
     ablation: bool = False  # also train and score pure LADD and distillation alone (ABLATIONS) on the same seeds
+    # Seeds whose earlier checkpoints are scored too (report.json over_steps, the KID-over-steps curve);
+    # the others are scored at the untrained start and the end only. Each checkpoint is an eval row.
+    curve_seeds: int = 1
 
     def __post_init__(self):
         self.seeds = self.seeds if self.seeds is not None else (1 if self.quick else 5)
@@ -59,6 +62,8 @@ class DemoConfig:
         if min(self.seeds, self.n_train, self.n_eval) < 1:
             raise ValueError(f"--seeds, --n-train and --n-eval must be >= 1, got {self.seeds}, {self.n_train}, "
                              f"{self.n_eval}")
+        if self.curve_seeds < 0:
+            raise ValueError(f"--curve-seeds must be >= 0, got {self.curve_seeds}")
         self.out = self.out or ("runs/demo-quick" if self.quick else "runs/demo") + ("-buckets" if self.buckets else "")
 
 
@@ -164,10 +169,11 @@ def run_demo(cfg: DemoConfig) -> dict:
     with _stage(timings, "evaluate"):
         for i, run in enumerate(runs):
             rows.append(evaluated(run / "eval.json", "run", run, teacher=i == 0))
-            # Every earlier checkpoint too: the validation KID over steps (step 0 is the untrained student;
-            # each student row names its checkpoint's step, so a run stopped early ends where it stopped).
-            earlier = [evaluated(run / f"eval-{ckpt.name}.json", "checkpoint", ckpt)["rows"][0]
-                       for ckpt in Checkpointer(run / "checkpoints", None).finished()[:-1]]
+            # The first `curve_seeds` seeds' earlier checkpoints too: the KID over steps (step 0 is the
+            # untrained student; each student row names its checkpoint's step, so a run stopped early ends
+            # where it stopped).
+            curve = Checkpointer(run / "checkpoints", None).finished()[:-1] if i < cfg.curve_seeds else []
+            earlier = [evaluated(run / f"eval-{ckpt.name}.json", "checkpoint", ckpt)["rows"][0] for ckpt in curve]
             points = [(0, rows[-1]["untrained"])] + [(r["info"]["step"], r) for r in [*earlier, rows[-1]["rows"][0]]]
             over_steps[run.name] = [{"step": step, "kid": r["kid"]["mean"],
                                      "caption_accuracy": (r.get("caption_accuracy") or {}).get("all")}

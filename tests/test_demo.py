@@ -22,14 +22,16 @@ def test_demo_runs_caches_and_reports(tmp_path):
         assert {"mean", "std", "n"} <= report["kid"][key].keys()
     assert report["kid"]["ladd"]["n"] == 2 and "gap_closed" in report and "ladd_vs_untrained_se" in report
     assert {"precompute", "train", "evaluate", "report"} <= report["seconds"].keys()
-    # KID over steps: the untrained student at 0, each earlier checkpoint (step 2), the final weights.
-    for seed in range(2):
-        points = report["over_steps"][f"seed-{seed}"]
-        assert [p["step"] for p in points] == [0, 2, 3]
-        final = json.loads((tmp_path / "demo" / "runs" / f"seed-{seed}" / "eval.json").read_text())["rows"][0]
-        assert points[0]["kid"] == report["kid"]["untrained"]["mean"] and points[-1]["kid"] == final["kid"]["mean"]
-        step2 = json.loads((tmp_path / "demo" / "runs" / f"seed-{seed}" / "eval-step-00000002.json").read_text())
-        assert " step 2 " in step2["rows"][0]["label"] and points[1]["kid"] == step2["rows"][0]["kid"]["mean"]
+    # KID over steps: the untrained student at 0, each earlier checkpoint (step 2, of the first
+    # `curve_seeds` = 1 seed only), the final weights.
+    assert [p["step"] for p in report["over_steps"]["seed-1"]] == [0, 3]
+    assert not (tmp_path / "demo" / "runs" / "seed-1" / "eval-step-00000002.json").exists()
+    points = report["over_steps"]["seed-0"]
+    assert [p["step"] for p in points] == [0, 2, 3]
+    final = json.loads((tmp_path / "demo" / "runs" / "seed-0" / "eval.json").read_text())["rows"][0]
+    assert points[0]["kid"] == report["kid"]["untrained"]["mean"] and points[-1]["kid"] == final["kid"]["mean"]
+    step2 = json.loads((tmp_path / "demo" / "runs" / "seed-0" / "eval-step-00000002.json").read_text())
+    assert " step 2 " in step2["rows"][0]["label"] and points[1]["kid"] == step2["rows"][0]["kid"]["mean"]
     # The training data's teacher noise never reappears at eval (a paired-distillation student saw it).
     seeds = {split: set(safe_open(tmp_path / "demo" / "data" / split / "shard-00000.safetensors", "pt")
                         .get_tensor("seeds").tolist()) for split in ("train", "eval")}

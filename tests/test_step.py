@@ -1,5 +1,6 @@
 """The LADD step on the tiny pipeline: each of the public run's failures pinned by a named test."""
 
+import contextlib
 import copy
 
 import pytest
@@ -57,6 +58,23 @@ def _snapshot(module):
 
 def _changed(before, module):
     return any(not torch.equal(before[k], v) for k, v in module.state_dict().items())
+
+
+@contextlib.contextmanager
+def recorded_grads(opt, module):
+    """The gradients `opt` steps `module` with (after any clipping), recorded as each step runs."""
+    got, step = [], opt.step
+    opt.step = lambda *a, **k: (got.extend(p.grad.clone() for p in trainable(module)), step(*a, **k))
+    try:
+        yield got
+    finally:
+        opt.step = step
+
+
+def assert_grads_equal(got, want):
+    assert got, "no optimizer step ran"
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.slow
@@ -207,13 +225,12 @@ def test_distillation_uses_the_teacher_noise_and_adds_the_regression(setup, adve
     mse = (x0_hat - batch.x0).square().mean()
     (-adversarial * models.disc(feats, t_hat, batch.text_cond).mean() + 2.0 * mse).backward()
     want = [p.grad for p in trainable(ref)]
-    spy, got, opt_step = Spy(models.student), [], opt_g.step
-    opt_g.step = lambda *a: (got.extend(p.grad.clone() for p in trainable(models.student)), opt_step(*a))
-    metrics, _ = generator_step(models, opt_g, [paired], 0, cfg, torch.Generator().manual_seed(4))
+    spy = Spy(models.student)
+    with recorded_grads(opt_g, models.student) as got:
+        metrics, _ = generator_step(models, opt_g, [paired], 0, cfg, torch.Generator().manual_seed(4))
     torch.testing.assert_close(spy.calls[0]["x"], x_t)
     assert metrics["distill_loss"] == pytest.approx(mse.item(), rel=1e-5)
-    for g, w in zip(got, want, strict=True):
-        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6)
+    assert_grads_equal(got, want)
     # D-only steps draw the student's input from the same paired noise.
     spy.calls.clear()
     disc_inputs_no_grad(models, paired, 1, cfg, torch.Generator().manual_seed(4))
@@ -245,15 +262,14 @@ def test_fresh_adversarial_noise_judges_a_second_pass_on_new_noise(setup):
     mse = (x0_of(x_pair) - batch.x0).square().mean()
     (-models.disc(feats, t_hat, batch.text_cond).mean() + 2.0 * mse).backward()
     want = [p.grad for p in trainable(ref)]
-    spy, got, opt_step = Spy(models.student), [], opt_g.step
-    opt_g.step = lambda *a: (got.extend(p.grad.clone() for p in trainable(models.student)), opt_step(*a))
-    metrics, _ = generator_step(models, opt_g, [paired], 0, cfg, torch.Generator().manual_seed(4))
+    spy = Spy(models.student)
+    with recorded_grads(opt_g, models.student) as got:
+        metrics, _ = generator_step(models, opt_g, [paired], 0, cfg, torch.Generator().manual_seed(4))
     assert len(spy.calls) == 2
     torch.testing.assert_close(spy.calls[0]["x"], x_fresh)
     torch.testing.assert_close(spy.calls[1]["x"], x_pair)
     assert metrics["distill_loss"] == pytest.approx(mse.item(), rel=1e-5)
-    for g, w in zip(got, want, strict=True):
-        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6)
+    assert_grads_equal(got, want)
     spy.calls.clear()
     disc_inputs_no_grad(models, paired, 1, cfg, torch.Generator().manual_seed(4))
     torch.testing.assert_close(spy.calls[0]["x"], x_fresh)
@@ -280,16 +296,13 @@ def test_mismatched_captions_are_fakes_for_the_disc(setup):
         want_mis = (per * weight).sum() / weight.sum()
         (hinge_d_loss(real, fake) + 0.5 * want_mis).backward()
         want = [p.grad.clone() for p in trainable(ref)]
-        got, opt_step = [], opt_d.step
-        opt_d.step = lambda *a: (got.extend(p.grad.clone() for p in trainable(models.disc)), opt_step(*a))
         before = copy.deepcopy(models.disc.state_dict())
-        m = discriminator_step(models.disc, opt_d, [xi], cfg)
-        models.disc.load_state_dict(before)
-        opt_d.step = opt_step
+        with recorded_grads(opt_d, models.disc) as got:
+            m = discriminator_step(models.disc, opt_d, [xi], cfg)
+        models.disc.load_state_dict(before)  # the next case starts from the same disc
         assert m["mismatch_loss"] == pytest.approx(want_mis.item(), rel=1e-5)
         assert 0 <= m["accuracy_mismatch"] <= 1
-        for g, w in zip(got, want, strict=True):
-            torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6)
+        assert_grads_equal(got, want)
     with pytest.raises(ConfigError, match="mismatch_weight must be >= 0"):
         MethodConfig(mismatch_weight=-1)
 

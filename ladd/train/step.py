@@ -226,7 +226,8 @@ def generator_step(
         t, eps, t_hat, eps1, eps2, pair = draw_noise(batch, step, cfg, rng)
         x0_hat = student_x0(student, batch, t, adversarial_eps(eps, pair, cfg), cfg)
         # The paired term's x̂0: the same pass, or its own one when the adversarial noise is fresh.
-        x0_pair = x0_hat if pair is None or cfg.adversarial_noise == "paired" else student_x0(student, batch, t, pair, cfg)
+        fresh = pair is not None and cfg.adversarial_noise == "fresh"
+        x0_pair = student_x0(student, batch, t, pair, cfg) if fresh else x0_hat
         fake = interpolate(x0_hat, eps1, t_hat)
         with torch.no_grad():
             real_feats = teacher_taps(teacher, interpolate(batch.x0, eps2, t_hat), t_hat, batch.cap_feats, disc.layers)
