@@ -224,10 +224,10 @@ def generator_step(
     for i, batch in enumerate(micro_batches):
         set_gradient_sync(student, i == n - 1)  # reduce gradients once, after the last micro-batch
         t, eps, t_hat, eps1, eps2, pair = draw_noise(batch, step, cfg, rng)
-        x0_hat = student_x0(student, batch, t, adversarial_eps(eps, pair, cfg), cfg)
+        adv_eps = adversarial_eps(eps, pair, cfg)
+        x0_hat = student_x0(student, batch, t, adv_eps, cfg)
         # The paired term's x̂0: the same pass, or its own one when the adversarial noise is fresh.
-        fresh = pair is not None and cfg.adversarial_noise == "fresh"
-        x0_pair = student_x0(student, batch, t, pair, cfg) if fresh else x0_hat
+        x0_pair = x0_hat if pair is None or adv_eps is pair else student_x0(student, batch, t, pair, cfg)
         fake = interpolate(x0_hat, eps1, t_hat)
         with torch.no_grad():
             real_feats = teacher_taps(teacher, interpolate(batch.x0, eps2, t_hat), t_hat, batch.cap_feats, disc.layers)
@@ -259,7 +259,7 @@ def mismatch_loss(disc: Discriminator, x: DiscInputs, cfg: MethodConfig) -> tupl
     """
     other = x.text_cond.roll(1, dims=0)
     differs = ((other - x.text_cond).abs().flatten(1).amax(dim=1) > 0).float()
-    logits = disc({k: f.detach() for k, f in x.real.items()}, x.t_hat, other)
+    logits = disc(x.real, x.t_hat, other)  # x.real: teacher taps made without a graph
     per_sample = losses.fake_side_per_sample(logits, cfg.loss, cfg.aggregate)
     count = differs.sum().clamp(min=1)
     accuracy = float(((logits.detach().sum(dim=1) < 0).float() * differs).sum() / count)
