@@ -151,9 +151,10 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--interval", type=int, default=MethodConfig().gen_update_interval, help="gen_update_interval")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    cfg = MethodConfig()
+    cfg = MethodConfig(gen_update_interval=args.interval)
     for name in args.configs:
         models, b = setup(name, args.batch)
         # the trainer's optimizers (fused AdamW), for the cycle and the straightforward loop alike
@@ -169,7 +170,7 @@ def main() -> None:
         cycle, plain = best.pop("cycle"), best.pop("straightforward")
         essential = essential_sum(best, cfg.gen_update_interval)
         print(json.dumps({
-            "config": name, "batch": args.batch, "threads": args.threads, "repeats": args.repeats,
+            "config": name, "batch": args.batch, "threads": args.threads, "interval": args.interval, "repeats": args.repeats,
             "cycle_over_essential": round(cycle / essential, 3),
             "speedup_vs_straightforward": round(plain / cycle, 3),
             "cycle_s": round(cycle, 4), "essential_s": round(essential, 4), "straightforward_s": round(plain, 4),

@@ -143,6 +143,15 @@ class MethodConfig(Section):
     """with λ > 0, the fake's noise: "paired" (the pair's, one pass) or "fresh" (new ε, a second pass)"""
     mismatch_weight: float = 0.0
     """w > 0: the disc also learns real latents under another sample's caption as fake, weighted w"""
+    score_weight: float = 0.0
+    """w > 0: ADD's distillation term, + w·mean((x̂0 − sg(x̂0_T))²), x̂0_T the CFG teacher's own denoising
+    of x̂0 re-noised to t_s (a pull towards what the guided teacher makes of the student's sample)"""
+    score_renoise_m: float = 0.0
+    """logit-normal mean of t_s, the score term's re-noising level (sigmoid(0) = 0.5)"""
+    score_renoise_s: float = 1.0
+    """logit-normal std of t_s"""
+    score_guidance: float = 5.0
+    """the teacher's CFG scale for x̂0_T, with the data's negative prompt (Z-Image and the toy teacher: 5)"""
     adversarial_weight: float = 1.0
     """scale of the student's adversarial loss; 0 with distill_weight > 0 is distillation alone (an ablation)"""
     grad_clip_g: float = 1.0
@@ -157,12 +166,14 @@ class MethodConfig(Section):
         self.student_timestep_probs = tuple(float(p) for p in self.student_timestep_probs)
         self.at_least(1, "gen_update_interval")
         self.at_least(0, "disc_warmup_steps", "curriculum_warmup_steps", "r1_weight", "distill_weight",
-                      "mismatch_weight", "adversarial_weight", "grad_clip_g", "grad_clip_d")
-        if self.adversarial_weight == 0 and self.distill_weight == 0:
-            raise ConfigError("method.adversarial_weight = 0 and method.distill_weight = 0: the student has no loss; "
-                              "set one of them above 0")
-        if self.renoise_s <= 0:
-            raise ConfigError(f"method.renoise_s must be > 0, got {self.renoise_s}")
+                      "mismatch_weight", "score_weight", "score_guidance", "adversarial_weight", "grad_clip_g",
+                      "grad_clip_d")
+        if self.adversarial_weight == 0 and self.distill_weight == 0 and self.score_weight == 0:
+            raise ConfigError("method.adversarial_weight, distill_weight and score_weight are all 0: the student has "
+                              "no loss; set one of them above 0")
+        for name in ("renoise_s", "score_renoise_s"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"method.{name} must be > 0, got {getattr(self, name)}")
         try:
             self.curriculum()
         except ValueError as e:

@@ -49,22 +49,33 @@ def euler_sample(
 
     With guidance > 0 the negative captions are required; cond and uncond share one forward.
     """
-    use_cfg = guidance > 0
-    if use_cfg and (neg_cap_feats is None or len(neg_cap_feats) != len(cap_feats)):
-        raise ValueError("guidance > 0 needs one negative caption-feature tensor per prompt")
     x = noise.float()
     sigmas = sigmas.float().to(x.device)
-    B = x.shape[0]
     for i in range(len(sigmas) - 1):
-        sigma = sigmas[i]
-        if use_cfg:
-            v = adapter(x.repeat(2, 1, 1, 1), sigma, list(cap_feats) + list(neg_cap_feats)).velocity
-            v_cond, v_uncond = v[:B], v[B:]
-            v = v_cond + guidance * (v_cond - v_uncond)
-        else:
-            v = adapter(x, sigma, list(cap_feats)).velocity
-        x = x + (sigmas[i + 1] - sigma) * v
+        v = guided_velocity(adapter, x, sigmas[i], cap_feats, neg_cap_feats, guidance)
+        x = x + (sigmas[i + 1] - sigmas[i]) * v
     return x
+
+
+def guided_velocity(
+    adapter: ZImageAdapter,
+    x: Tensor,
+    sigma: Tensor,
+    cap_feats: Sequence[Tensor],
+    neg_cap_feats: Sequence[Tensor] | None = None,
+    guidance: float = 0.0,
+) -> Tensor:
+    """The velocity at (x, σ), guided as the pipeline guides: v_c + g·(v_c − v_u), cond and uncond as
+    one batch; σ a scalar or one per sample. In the adapter's dtype, as the pipeline computes it."""
+    if guidance <= 0:
+        return adapter(x, sigma, list(cap_feats)).velocity
+    if neg_cap_feats is None or len(neg_cap_feats) != len(cap_feats):
+        raise ValueError("guidance > 0 needs one negative caption-feature tensor per prompt")
+    B = x.shape[0]
+    sigma2 = torch.cat([sigma, sigma]) if sigma.ndim == 1 else sigma
+    v = adapter(torch.cat([x, x]), sigma2, list(cap_feats) + list(neg_cap_feats)).velocity
+    v_cond, v_uncond = v[:B], v[B:]
+    return v_cond + guidance * (v_cond - v_uncond)
 
 
 @torch.no_grad()

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from ladd.config import ConfigError, MethodConfig
-from ladd.flow import interpolate
+from ladd.flow import interpolate, logit_normal
 from ladd.losses import hinge_d_loss
 from ladd.models.discriminator import Discriminator
 from ladd.models.text import encode_prompts, pooled
@@ -275,6 +275,45 @@ def test_fresh_adversarial_noise_judges_a_second_pass_on_new_noise(setup):
     torch.testing.assert_close(spy.calls[0]["x"], x_fresh)
     with pytest.raises(ConfigError, match="adversarial_noise"):
         MethodConfig(adversarial_noise="both")
+
+
+def test_score_distillation_pulls_x0_hat_towards_the_guided_teachers_denoising(setup):
+    """method.score_weight w (ADD's distillation term): after the step's draws, t_s ~ logit-normal(m, s)
+    and ε_s; x_s = (1 − t_s)·sg(x̂0) + t_s·ε_s; the teacher's guided velocity v = v_c + g·(v_c − v_u)
+    (the negative caption for v_u, each half its own call here) gives x̂0_T = x_s − t_s·v; the student's
+    gradient is that of −disc(fake) + w·mean((x̂0 − x̂0_T)²), by hand."""
+    models, batch, opt_g, opt_d = setup
+    neg = torch.randn(3, batch.cap_feats[0].shape[1], generator=torch.Generator().manual_seed(2))
+    scored = Batch(batch.x0, batch.cap_feats, batch.text_cond, neg_cap=neg)
+    cfg = MethodConfig(score_weight=3.0, score_renoise_m=0.5, score_renoise_s=0.7, score_guidance=4.0,
+                       student_timestep_probs=(1.0, 0, 0, 0), grad_clip_g=0)
+    rng = torch.Generator().manual_seed(4)
+    t, eps, t_hat, eps1, _, _ = draw_noise(scored, 0, cfg, rng)
+    t_s = logit_normal(2, 0.5, 0.7, generator=rng)
+    eps_s = torch.randn(batch.x0.shape, generator=rng)
+    ref, te = copy.deepcopy(models.student), models.teacher
+    x_t = eps  # t = 1: pure noise
+    x0_hat = x_t - ref(x_t, t, batch.cap_feats).velocity
+    x_s = (1 - t_s.view(-1, 1, 1, 1)) * x0_hat.detach() + t_s.view(-1, 1, 1, 1) * eps_s
+    with torch.no_grad():
+        v_c = te(x_s, t_s, batch.cap_feats).velocity
+        v_u = te(x_s, t_s, [neg, neg]).velocity
+    target = x_s - t_s.view(-1, 1, 1, 1) * (v_c + 4.0 * (v_c - v_u))
+    feats = te(interpolate(x0_hat, eps1, t_hat), t_hat, batch.cap_feats, taps=models.disc.layers, velocity=False).feats
+    score = (x0_hat - target).square().mean()
+    (-models.disc(feats, t_hat, batch.text_cond).mean() + 3.0 * score).backward()
+    want = [p.grad for p in trainable(ref)]
+    with recorded_grads(opt_g, models.student) as got:
+        metrics, _ = generator_step(models, opt_g, [scored], 0, cfg, torch.Generator().manual_seed(4))
+    assert metrics["score_loss"] == pytest.approx(score.item(), rel=1e-5)
+    assert_grads_equal(got, want)
+    with pytest.raises(ValueError, match="negative prompt's caption features"):
+        generator_step(models, opt_g, [batch], 0, cfg, torch.Generator().manual_seed(4))
+    with pytest.raises(ConfigError, match="score_weight must be >= 0"):
+        MethodConfig(score_weight=-1)
+    with pytest.raises(ConfigError, match="score_renoise_s must be > 0"):
+        MethodConfig(score_renoise_s=0)
+    MethodConfig(score_weight=1.0, adversarial_weight=0)  # the term alone is a loss
 
 
 def test_mismatched_captions_are_fakes_for_the_disc(setup):

@@ -401,6 +401,11 @@ def test_distillation_pairs_each_latent_with_the_teacher_noise_that_made_it(worl
                   latents=batch.pair_eps[j : j + 1], output_type="latent").images
         torch.testing.assert_close(x0[0], batch.x0[j], atol=1e-4, rtol=0)
     assert Trainer(load_config(None, overrides(world, world / "pairs"))).next_micro_batches()[0].pair_eps is None
+    # method.score_weight: each batch carries the negative prompt's features, as ZImagePipeline's CFG uses them.
+    trainer = Trainer(load_config(None, overrides(world, world / "score", **{"method.score_weight": "1.0"})))
+    (batch,) = trainer.next_micro_batches()
+    _, neg = pipe.encode_prompt(PROMPTS[0], device="cpu", do_classifier_free_guidance=True, negative_prompt="")
+    torch.testing.assert_close(batch.neg_cap, neg[0].float(), atol=0, rtol=0)
 
 
 @pytest.mark.slow

@@ -106,6 +106,7 @@ class Trainer:
             rng=torch.Generator(d.device).manual_seed(seed),
             dropout_rng=torch.Generator().manual_seed(seed + 500),
         )
+        self._negative: torch.Tensor | None = None  # method.score_weight: negative_caption(), encoded once
         self.ckpt = Checkpointer(self.out / "checkpoints", d, cfg.train.keep_last)
         self.health = Health(cfg.health)
 
@@ -171,8 +172,20 @@ class Trainer:
             latents = b.latents.to(self.dist.device)
             if injected("nan_batch", self.state.step):  # fault tests: a damaged sample on this rank
                 latents = torch.full_like(latents, math.nan)
-            out.append(Batch(latents, caps, cond, pair_eps))
+            neg = self.negative_caption() if cfg.method.score_weight > 0 else None
+            out.append(Batch(latents, caps, cond, pair_eps, neg))
         return out
+
+    def negative_caption(self) -> torch.Tensor:
+        """The caption features of the data's negative prompt (the teacher's CFG), encoded once."""
+        if self._negative is None:
+            from ladd.models.text import encode_prompts
+
+            sampling = self.data.manifest["sampling"]
+            feats = encode_prompts(self.pipe, [sampling.get("negative_prompt", "")],
+                                   sampling.get("max_sequence_length", 512), device="cpu")
+            self._negative = feats[0].to(self.dist.device)
+        return self._negative
 
     def empty_caption(self) -> tuple[torch.Tensor, torch.Tensor]:
         from ladd.models.text import encode_prompts, pooled

@@ -23,6 +23,11 @@
     scores each real latent's features under the next sample's caption as fake, weighted w, so the
     disc has to read the prompt and the student's gradient carries it.
 
+    SCORE DISTILLATION (method.score_weight w > 0, ADD's distillation term): the G-step also pulls x̂0
+    towards the guided teacher's own reading of it, + w·mean((x̂0 − sg(x̂0_T))²) with x̂0_T the teacher's
+    CFG denoising of x̂0 re-noised to t_s (fresh noise): a prompt-following pull on any sample the
+    student makes, where the paired term knows only its pairs.
+
 `generator_step` and `discriminator_step` each own their optimizer, zero_grad, clipping and
 requires_grad handling; `ladd_step` composes them. A list of micro-batches is one optimizer step
 (gradient accumulation: each micro-batch's loss is scaled by 1/n and back-propagated at once, so only
@@ -45,6 +50,7 @@ from ladd.distributed import set_gradient_sync
 from ladd.flow import interpolate, logit_normal, x0_from_velocity
 from ladd.models.discriminator import Discriminator
 from ladd.models.zimage import ZImageAdapter
+from ladd.sampling import guided_velocity
 
 
 @dataclass
@@ -55,6 +61,7 @@ class Batch:
     cap_feats: list[Tensor]  # B × (L_i, cap_feat_dim) caption features
     text_cond: Tensor  # (B, text_dim) disc conditioning: pooled caption features or CLIP
     pair_eps: Tensor | None = None  # (B, C, H, W) the teacher's initial noise of each x0 (distillation)
+    neg_cap: Tensor | None = None  # (L, cap_feat_dim) the data's negative prompt (method.score_weight)
 
     def __len__(self) -> int:
         return self.x0.shape[0]
@@ -175,6 +182,20 @@ def simulated_input(student: ZImageAdapter, cap_feats, t: Tensor, eps: Tensor, t
     return out
 
 
+def score_target(teacher: ZImageAdapter, x0_hat: Tensor, batch: Batch, cfg: MethodConfig, rng) -> Tensor:
+    """ADD's distillation target: x̂0 (detached) re-noised to t_s ~ logit-normal(score_renoise_m, _s) with
+    fresh ε_s, and denoised by the teacher with CFG: x̂0_T = x_s − t_s·v_guided(x_s, t_s). No graph."""
+    if batch.neg_cap is None:
+        raise ValueError("method.score_weight > 0 needs the negative prompt's caption features (Batch.neg_cap)")
+    B, device = len(batch), x0_hat.device
+    t_s = logit_normal(B, cfg.score_renoise_m, cfg.score_renoise_s, generator=rng, device=device)
+    eps_s = torch.randn(x0_hat.shape, generator=rng, device=device)
+    with torch.no_grad():
+        x_s = interpolate(x0_hat.detach().float(), eps_s, t_s)
+        v = guided_velocity(teacher, x_s, t_s, batch.cap_feats, [batch.neg_cap] * B, cfg.score_guidance)
+        return x0_from_velocity(x_s, v.float(), t_s)
+
+
 def teacher_taps(teacher: ZImageAdapter, x: Tensor, t_hat: Tensor, cap_feats, taps) -> dict[int, Tensor]:
     """Teacher hidden states at the disc's layers; blocks after the deepest tap are skipped."""
     return teacher(x, t_hat, cap_feats, taps=taps, velocity=False).feats
@@ -220,7 +241,7 @@ def generator_step(
     opt_g.zero_grad(set_to_none=True)
     n = len(micro_batches)
     out: list[DiscInputs] = []
-    t_total, distill_total = 0.0, 0.0
+    t_total, distill_total, score_total = 0.0, 0.0, 0.0
     for i, batch in enumerate(micro_batches):
         set_gradient_sync(student, i == n - 1)  # reduce gradients once, after the last micro-batch
         t, eps, t_hat, eps1, eps2, pair = draw_noise(batch, step, cfg, rng)
@@ -235,6 +256,10 @@ def generator_step(
         with frozen(disc):
             fake_logits = disc(fake_feats, t_hat, batch.text_cond)
             loss = cfg.adversarial_weight * losses.g_loss(fake_logits, cfg.loss, cfg.aggregate)  # × 1.0 is exact
+            if cfg.score_weight > 0:
+                score = (x0_hat - score_target(teacher, x0_hat, batch, cfg, rng)).square().mean()
+                loss = loss + cfg.score_weight * score
+                score_total += score.item() / n
             if cfg.distill_weight > 0:
                 distill = (x0_pair - batch.x0).square().mean()
                 loss = loss + cfg.distill_weight * distill
@@ -247,6 +272,8 @@ def generator_step(
     metrics = {"student_grad_norm": grad_norm, "t_mean": t_total}
     if cfg.distill_weight > 0:
         metrics["distill_loss"] = distill_total
+    if cfg.score_weight > 0:
+        metrics["score_loss"] = score_total
     return metrics, out
 
 
