@@ -251,6 +251,7 @@ def summarize(rows: list[dict], cfg: DemoConfig, timings: dict, steps: int) -> d
 ABLATIONS = {
     "pure LADD (configs/toy-ladd.toml: no distillation term, its own rates)":
         ("pure-ladd", "configs/toy-ladd.toml", ()),
+    # The default's distillation terms (paired, and score distillation when on), without the adversarial one.
     "distillation alone (no adversarial term)": ("distill-only", None, ("method.adversarial_weight=0",)),
 }
 
