@@ -144,8 +144,7 @@ class MethodConfig(Section):
     mismatch_weight: float = 0.0
     """w > 0: the disc also learns real latents under another sample's caption as fake, weighted w"""
     score_weight: float = 0.0
-    """w > 0: ADD's distillation term, + w·mean((x̂0 − sg(x̂0_T))²), x̂0_T the CFG teacher's own denoising
-    of x̂0 re-noised to t_s (a pull towards what the guided teacher makes of the student's sample)"""
+    """w > 0: ADD's distillation term, + w·mean((x̂0 − sg(x̂0_T))²), x̂0_T the CFG teacher's denoising of x̂0 re-noised to t_s"""
     score_renoise_m: float = 0.0
     """logit-normal mean of t_s, the score term's re-noising level (sigmoid(0) = 0.5)"""
     score_renoise_s: float = 1.0
