@@ -106,7 +106,7 @@ class Trainer:
             rng=torch.Generator(d.device).manual_seed(seed),
             dropout_rng=torch.Generator().manual_seed(seed + 500),
         )
-        self._negative: torch.Tensor | None = None  # method.score_weight: negative_caption(), encoded once
+        self._fixed_captions: dict[tuple[str, int], torch.Tensor] = {}  # fixed_caption(): "" and the negative prompt
         self.ckpt = Checkpointer(self.out / "checkpoints", d, cfg.train.keep_last)
         self.health = Health(cfg.health)
 
@@ -154,6 +154,7 @@ class Trainer:
         """Data batches (ShardBatch) as the step's micro-batches: on the device, captions dropped, paired noise."""
         cfg, out = self.cfg, []
         empty = None
+        neg = self.negative_caption() if cfg.method.score_weight > 0 else None
         for b in batches:
             caps = [c.to(self.dist.device) for c in b.cap_feats]
             cond = (b.clip if cfg.model.text_cond == "clip" else b.pooled).to(self.dist.device)
@@ -172,29 +173,33 @@ class Trainer:
             latents = b.latents.to(self.dist.device)
             if injected("nan_batch", self.state.step):  # fault tests: a damaged sample on this rank
                 latents = torch.full_like(latents, math.nan)
-            neg = self.negative_caption() if cfg.method.score_weight > 0 else None
             out.append(Batch(latents, caps, cond, pair_eps, neg))
         return out
 
     def negative_caption(self) -> torch.Tensor:
-        """The caption features of the data's negative prompt (the teacher's CFG), encoded once."""
-        if self._negative is None:
-            from ladd.models.text import encode_prompts
-
-            sampling = self.data.manifest["sampling"]
-            feats = encode_prompts(self.pipe, [sampling.get("negative_prompt", "")],
-                                   sampling.get("max_sequence_length", 512), device="cpu")
-            self._negative = feats[0].to(self.dist.device)
-        return self._negative
+        """The caption features of the data's negative prompt (the teacher's CFG; method.score_weight)."""
+        sampling = self.data.manifest["sampling"]
+        return self.fixed_caption(sampling.get("negative_prompt", ""), sampling.get("max_sequence_length", 512))
 
     def empty_caption(self) -> tuple[torch.Tensor, torch.Tensor]:
-        from ladd.models.text import encode_prompts, pooled
+        from ladd.models.text import pooled
 
         if self.cfg.model.text_cond == "clip":
             raise ConfigError("data.text_dropout with model.text_cond = 'clip' needs an empty-prompt CLIP "
                               "embedding, which the data does not carry; use text_cond = 'pooled'")
-        feats = [f.to(self.dist.device) for f in encode_prompts(self.pipe, [""], device="cpu")]
-        return feats[0], pooled(feats)[0]
+        feats = self.fixed_caption("")
+        return feats, pooled([feats])[0]
+
+    def fixed_caption(self, prompt: str, max_sequence_length: int = 512) -> torch.Tensor:
+        """One prompt's caption features on the device, encoded once per run (the text encoder runs on
+        the CPU: on Z-Image a 4B model, too slow to call every step)."""
+        key = (prompt, max_sequence_length)
+        if key not in self._fixed_captions:
+            from ladd.models.text import encode_prompts
+
+            feats = encode_prompts(self.pipe, [prompt], max_sequence_length, device="cpu")
+            self._fixed_captions[key] = feats[0].to(self.dist.device)
+        return self._fixed_captions[key]
 
     def set_lr(self) -> tuple[float, float]:
         o = self.cfg.optim
