@@ -151,8 +151,8 @@ class MethodConfig(Section):
     """logit-normal std of t_s"""
     score_guidance: float = 5.0
     """the teacher's CFG scale for x̂0_T, with the data's negative prompt (Z-Image and the toy teacher: 5)"""
-    score_min_t: float = 0.0
-    """the score term only on samples at student timestep t >= this (1.0: the first step, where the layout is drawn)"""
+    score_timestep_weights: tuple[float, ...] = ()
+    """the score term's weight on a sample at each of student_timesteps (empty: 1 at each); (0, 1, 1, 1) leaves out t = 1"""
     score_steps: int = 1
     """the teacher's Euler steps from t_s to 0 for x̂0_T, evenly spaced (1: its one-step denoising, as ADD)"""
     adversarial_weight: float = 1.0
@@ -174,8 +174,11 @@ class MethodConfig(Section):
         if self.adversarial_weight == 0 and self.distill_weight == 0 and self.score_weight == 0:
             raise ConfigError("method.adversarial_weight, distill_weight and score_weight are all 0: the student has "
                               "no loss; set one of them above 0")
-        if not 0 <= self.score_min_t <= 1:
-            raise ConfigError(f"method.score_min_t must be in [0, 1], got {self.score_min_t}")
+        self.score_timestep_weights = tuple(float(w) for w in self.score_timestep_weights)
+        if self.score_timestep_weights and (len(self.score_timestep_weights) != len(self.student_timesteps)
+                                            or min(self.score_timestep_weights) < 0):
+            raise ConfigError(f"method.score_timestep_weights must be empty or one weight >= 0 per student timestep "
+                              f"({len(self.student_timesteps)}), got {list(self.score_timestep_weights)}")
         for name in ("renoise_s", "score_renoise_s"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"method.{name} must be > 0, got {getattr(self, name)}")

@@ -345,32 +345,36 @@ def test_score_steps_follow_the_guided_teachers_euler_steps_from_t_s(setup):
         MethodConfig(score_steps=0)
 
 
-def test_score_min_t_keeps_the_score_term_to_the_samples_at_high_student_timesteps(setup):
-    """method.score_min_t: mean((x̂0 − x̂0_T)²) over the samples with t >= score_min_t only, by hand;
-    with none of them in the batch the G-step's score loss is 0 and its gradient the adversarial one."""
+def test_score_timestep_weights_weigh_each_sample_by_its_student_timestep(setup):
+    """method.score_timestep_weights: mean over samples of w(t)·mean((x̂0 − x̂0_T)²), w(t) the weight at the
+    sample's student timestep, by hand; with weight 0 at every drawn timestep the G-step's score loss
+    is 0 and its gradient the adversarial one."""
     x0_hat, target = torch.randn(3, 4, 2, 2), torch.randn(3, 4, 2, 2)
-    sq = (x0_hat - target).square()
-    assert score_loss(x0_hat, target, torch.tensor([1.0, 0.5, 1.0]), 1.0).item() == pytest.approx(
-        ((sq[0].mean() + sq[2].mean()) / 2).item(), rel=1e-6)
-    assert score_loss(x0_hat, target, torch.tensor([0.75, 0.5, 0.25]), 0.0).item() == pytest.approx(
-        sq.mean().item(), rel=1e-6)
-    assert score_loss(x0_hat, target, torch.tensor([0.75, 0.5, 0.25]), 1.0).item() == 0.0
-    models, batch, opt_g, _ = setup
+    per_sample = (x0_hat - target).square().mean(dim=(1, 2, 3))
+    cfg = MethodConfig(score_weight=1.0, score_timestep_weights=(0.0, 2.0, 1.0, 0.5))
+    got = score_loss(x0_hat, target, torch.tensor([1.0, 0.75, 0.25]), cfg)
+    assert got.item() == pytest.approx(((0.0 * per_sample[0] + 2.0 * per_sample[1] + 0.5 * per_sample[2]) / 3).item(),
+                                       rel=1e-6)
+    flat = score_loss(x0_hat, target, torch.tensor([1.0, 0.75, 0.25]), MethodConfig(score_weight=1.0))
+    assert flat.item() == pytest.approx(per_sample.mean().item(), rel=1e-6)
+    models, batch, *_ = setup
     neg = torch.randn(3, batch.cap_feats[0].shape[1], generator=torch.Generator().manual_seed(2))
     scored = Batch(batch.x0, batch.cap_feats, batch.text_cond, neg_cap=neg)
     grads = []
     for w in (0.0, 5.0):  # w 0 stands for "no score term"; the config needs some loss either way
-        cfg = MethodConfig(score_weight=w, score_min_t=1.0, student_timestep_probs=(0, 1.0, 0, 0), grad_clip_g=0)
+        cfg = MethodConfig(score_weight=w, score_timestep_weights=(1, 0, 1, 1), student_timestep_probs=(0, 1.0, 0, 0),
+                           grad_clip_g=0)
         student = copy.deepcopy(models.student)
-        run = LaddModels(student, models.teacher, models.disc)
         opt = torch.optim.SGD(trainable(student), lr=0.0)
         with recorded_grads(opt, student) as got:
-            metrics, _ = generator_step(run, opt, [scored], 0, cfg, torch.Generator().manual_seed(4))
+            metrics, _ = generator_step(LaddModels(student, models.teacher, models.disc), opt, [scored], 0, cfg,
+                                        torch.Generator().manual_seed(4))
         grads.append(got)
     assert metrics["score_loss"] == 0.0
     assert_grads_equal(grads[1], grads[0])
-    with pytest.raises(ConfigError, match="score_min_t must be in"):
-        MethodConfig(score_min_t=1.5)
+    for bad in ((1, 1), (1, -1, 1, 1)):
+        with pytest.raises(ConfigError, match="score_timestep_weights must be empty or one weight >= 0"):
+            MethodConfig(score_timestep_weights=bad)
 
 
 def test_mismatched_captions_are_fakes_for_the_disc(setup):

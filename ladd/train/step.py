@@ -201,13 +201,14 @@ def score_target(teacher: ZImageAdapter, x0_hat: Tensor, batch: Batch, cfg: Meth
         return x
 
 
-def score_loss(x0_hat: Tensor, target: Tensor, t: Tensor, min_t: float) -> Tensor:
-    """mean((x̂0 − x̂0_T)²) over the samples at student timestep t >= min_t (all of them at 0); 0 if none."""
-    if min_t <= 0:
+def score_loss(x0_hat: Tensor, target: Tensor, t: Tensor, cfg: MethodConfig) -> Tensor:
+    """mean((x̂0 − x̂0_T)²), each sample weighted by `score_timestep_weights` at its student timestep t."""
+    if not cfg.score_timestep_weights:
         return (x0_hat - target).square().mean()
-    keep = (t >= min_t).to(x0_hat.dtype)
-    per_sample = (x0_hat - target).square().flatten(1).mean(dim=1)
-    return (per_sample * keep).sum() / keep.sum().clamp(min=1)
+    timesteps = torch.tensor(cfg.student_timesteps, dtype=t.dtype, device=t.device)
+    weights = torch.tensor(cfg.score_timestep_weights, dtype=x0_hat.dtype, device=t.device)
+    at = (t[:, None] - timesteps[None]).abs().argmin(dim=1)
+    return ((x0_hat - target).square().flatten(1).mean(dim=1) * weights[at]).mean()
 
 
 def teacher_taps(teacher: ZImageAdapter, x: Tensor, t_hat: Tensor, cap_feats, taps) -> dict[int, Tensor]:
@@ -271,7 +272,7 @@ def generator_step(
             fake_logits = disc(fake_feats, t_hat, batch.text_cond)
             loss = cfg.adversarial_weight * losses.g_loss(fake_logits, cfg.loss, cfg.aggregate)  # × 1.0 is exact
             if cfg.score_weight > 0:
-                score = score_loss(x0_hat, score_target(teacher, x0_hat, batch, cfg, rng), t, cfg.score_min_t)
+                score = score_loss(x0_hat, score_target(teacher, x0_hat, batch, cfg, rng), t, cfg)
                 loss = loss + cfg.score_weight * score
                 score_total += score.item() / n
             if cfg.distill_weight > 0:
