@@ -151,10 +151,6 @@ class MethodConfig(Section):
     """logit-normal std of t_s"""
     score_guidance: float = 5.0
     """the teacher's CFG scale for x̂0_T, with the data's negative prompt (Z-Image and the toy teacher: 5)"""
-    score_timestep_weights: tuple[float, ...] = ()
-    """the score term's weight on a sample at each of student_timesteps (empty: 1 at each); (0, 1, 1, 1) leaves out t = 1"""
-    score_steps: int = 1
-    """the teacher's Euler steps from t_s to 0 for x̂0_T, evenly spaced (1: its one-step denoising, as ADD)"""
     adversarial_weight: float = 1.0
     """scale of the student's adversarial loss; 0 with distill_weight > 0 is distillation alone (an ablation)"""
     grad_clip_g: float = 1.0
@@ -167,18 +163,13 @@ class MethodConfig(Section):
     def check(self):
         self.student_timesteps = tuple(float(t) for t in self.student_timesteps)
         self.student_timestep_probs = tuple(float(p) for p in self.student_timestep_probs)
-        self.at_least(1, "gen_update_interval", "score_steps")
+        self.at_least(1, "gen_update_interval")
         self.at_least(0, "disc_warmup_steps", "curriculum_warmup_steps", "r1_weight", "distill_weight",
                       "mismatch_weight", "score_weight", "score_guidance", "adversarial_weight", "grad_clip_g",
                       "grad_clip_d")
         if self.adversarial_weight == 0 and self.distill_weight == 0 and self.score_weight == 0:
             raise ConfigError("method.adversarial_weight, distill_weight and score_weight are all 0: the student has "
                               "no loss; set one of them above 0")
-        self.score_timestep_weights = tuple(float(w) for w in self.score_timestep_weights)
-        if self.score_timestep_weights and (len(self.score_timestep_weights) != len(self.student_timesteps)
-                                            or min(self.score_timestep_weights) < 0):
-            raise ConfigError(f"method.score_timestep_weights must be empty or one weight >= 0 per student timestep "
-                              f"({len(self.student_timesteps)}), got {list(self.score_timestep_weights)}")
         for name in ("renoise_s", "score_renoise_s"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"method.{name} must be > 0, got {getattr(self, name)}")

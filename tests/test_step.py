@@ -15,7 +15,7 @@ from ladd.models.tiny import build_tiny_pipeline
 from ladd.models.zimage import ZImageAdapter
 from ladd.train.step import (
     Batch, DiscInputs, LaddModels, discriminator_step, disc_inputs_no_grad, draw_noise, generator_step, ladd_step,
-    score_loss, score_target, trainable,
+    trainable,
 )
 from tests.conftest import PROMPTS
 
@@ -314,67 +314,6 @@ def test_score_distillation_pulls_x0_hat_towards_the_guided_teachers_denoising(s
     with pytest.raises(ConfigError, match="score_renoise_s must be > 0"):
         MethodConfig(score_renoise_s=0)
     MethodConfig(score_weight=1.0, adversarial_weight=0)  # the term alone is a loss
-
-
-def test_score_steps_follow_the_guided_teachers_euler_steps_from_t_s(setup):
-    """method.score_steps k: x̂0_T is k Euler steps of the guided teacher from x_s = (1 − t_s)·x̂0 + t_s·ε_s
-    down to 0 at t_s·(1 − j/k), j = 0..k, each sample at its own t_s (cond and uncond by hand, each
-    its own call); k = 1 is the one-step denoising x_s − t_s·v, the step test's target."""
-    models, batch, *_ = setup
-    te = models.teacher
-    neg = torch.randn(3, batch.cap_feats[0].shape[1], generator=torch.Generator().manual_seed(2))
-    scored = Batch(batch.x0, batch.cap_feats, batch.text_cond, neg_cap=neg)
-    x0_hat = torch.randn(batch.x0.shape, generator=torch.Generator().manual_seed(5))
-    targets = {}
-    for k in (1, 3):
-        cfg = MethodConfig(score_weight=1.0, score_steps=k, score_guidance=4.0, score_renoise_s=0.8)
-        got = score_target(te, x0_hat, scored, cfg, torch.Generator().manual_seed(7))
-        rng = torch.Generator().manual_seed(7)
-        t_s = logit_normal(len(batch), 0.0, 0.8, generator=rng)
-        x = interpolate(x0_hat, torch.randn(x0_hat.shape, generator=rng), t_s)
-        sigmas = [t_s * (1 - j / k) for j in range(k + 1)]
-        with torch.no_grad():
-            for now, nxt in zip(sigmas, sigmas[1:]):
-                v_c = te(x, now, batch.cap_feats).velocity
-                v_u = te(x, now, [neg] * len(batch)).velocity
-                x = x + (nxt - now).view(-1, 1, 1, 1) * (v_c + 4.0 * (v_c - v_u))
-        torch.testing.assert_close(got, x)
-        targets[k] = got
-    assert (targets[3] - targets[1]).abs().max() > 1e-3  # more steps, another target
-    with pytest.raises(ConfigError, match="score_steps must be >= 1"):
-        MethodConfig(score_steps=0)
-
-
-def test_score_timestep_weights_weigh_each_sample_by_its_student_timestep(setup):
-    """method.score_timestep_weights: mean over samples of w(t)·mean((x̂0 − x̂0_T)²), w(t) the weight at the
-    sample's student timestep, by hand; with weight 0 at every drawn timestep the G-step's score loss
-    is 0 and its gradient the adversarial one."""
-    x0_hat, target = torch.randn(3, 4, 2, 2), torch.randn(3, 4, 2, 2)
-    per_sample = (x0_hat - target).square().mean(dim=(1, 2, 3))
-    cfg = MethodConfig(score_weight=1.0, score_timestep_weights=(0.0, 2.0, 1.0, 0.5))
-    got = score_loss(x0_hat, target, torch.tensor([1.0, 0.75, 0.25]), cfg)
-    assert got.item() == pytest.approx(((0.0 * per_sample[0] + 2.0 * per_sample[1] + 0.5 * per_sample[2]) / 3).item(),
-                                       rel=1e-6)
-    flat = score_loss(x0_hat, target, torch.tensor([1.0, 0.75, 0.25]), MethodConfig(score_weight=1.0))
-    assert flat.item() == pytest.approx(per_sample.mean().item(), rel=1e-6)
-    models, batch, *_ = setup
-    neg = torch.randn(3, batch.cap_feats[0].shape[1], generator=torch.Generator().manual_seed(2))
-    scored = Batch(batch.x0, batch.cap_feats, batch.text_cond, neg_cap=neg)
-    grads = []
-    for w in (0.0, 5.0):  # w 0 stands for "no score term"; the config needs some loss either way
-        cfg = MethodConfig(score_weight=w, score_timestep_weights=(1, 0, 1, 1), student_timestep_probs=(0, 1.0, 0, 0),
-                           grad_clip_g=0)
-        student = copy.deepcopy(models.student)
-        opt = torch.optim.SGD(trainable(student), lr=0.0)
-        with recorded_grads(opt, student) as got:
-            metrics, _ = generator_step(LaddModels(student, models.teacher, models.disc), opt, [scored], 0, cfg,
-                                        torch.Generator().manual_seed(4))
-        grads.append(got)
-    assert metrics["score_loss"] == 0.0
-    assert_grads_equal(grads[1], grads[0])
-    for bad in ((1, 1), (1, -1, 1, 1)):
-        with pytest.raises(ConfigError, match="score_timestep_weights must be empty or one weight >= 0"):
-            MethodConfig(score_timestep_weights=bad)
 
 
 def test_mismatched_captions_are_fakes_for_the_disc(setup):

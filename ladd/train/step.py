@@ -25,8 +25,8 @@
 
     SCORE DISTILLATION (method.score_weight w > 0, ADD's distillation term): the G-step also pulls x̂0
     towards the guided teacher's own reading of it, + w·mean((x̂0 − sg(x̂0_T))²) with x̂0_T the teacher's
-    CFG denoising of x̂0 re-noised to t_s (fresh noise; in method.score_steps Euler steps): a
-    prompt-following pull on any sample the student makes, where the paired term knows only its pairs.
+    CFG denoising of x̂0 re-noised to t_s (fresh noise): a prompt-following pull on any sample the
+    student makes, where the paired term knows only its pairs.
 
 `generator_step` and `discriminator_step` each own their optimizer, zero_grad, clipping and
 requires_grad handling; `ladd_step` composes them. A list of micro-batches is one optimizer step
@@ -184,31 +184,16 @@ def simulated_input(student: ZImageAdapter, cap_feats, t: Tensor, eps: Tensor, t
 
 def score_target(teacher: ZImageAdapter, x0_hat: Tensor, batch: Batch, cfg: MethodConfig, rng) -> Tensor:
     """ADD's distillation target: x̂0 (detached) re-noised to t_s ~ logit-normal(score_renoise_m, _s) with
-    fresh ε_s, and denoised by the teacher with CFG in `score_steps` Euler steps t_s·(1 − j/k), j = 0..k:
-    one step is x̂0_T = x_s − t_s·v_guided(x_s, t_s); more follow the teacher's own ODE to a sharper
-    sample instead of its posterior mean. No graph."""
+    fresh ε_s, and denoised by the teacher with CFG: x̂0_T = x_s − t_s·v_guided(x_s, t_s). No graph."""
     if batch.neg_cap is None:
         raise ValueError("method.score_weight > 0 needs the negative prompt's caption features (Batch.neg_cap)")
-    B, device, k = len(batch), x0_hat.device, cfg.score_steps
+    B, device = len(batch), x0_hat.device
     t_s = logit_normal(B, cfg.score_renoise_m, cfg.score_renoise_s, generator=rng, device=device)
     eps_s = torch.randn(x0_hat.shape, generator=rng, device=device)
     with torch.no_grad():
-        x = interpolate(x0_hat.detach().float(), eps_s, t_s)
-        for j in range(k):
-            now, nxt = t_s * (1 - j / k), t_s * (1 - (j + 1) / k)
-            v = guided_velocity(teacher, x, now, batch.cap_feats, [batch.neg_cap] * B, cfg.score_guidance)
-            x = x + (nxt - now).view(-1, *[1] * (x.ndim - 1)) * v.float()
-        return x
-
-
-def score_loss(x0_hat: Tensor, target: Tensor, t: Tensor, cfg: MethodConfig) -> Tensor:
-    """mean((x̂0 − x̂0_T)²), each sample weighted by `score_timestep_weights` at its student timestep t."""
-    if not cfg.score_timestep_weights:
-        return (x0_hat - target).square().mean()
-    timesteps = torch.tensor(cfg.student_timesteps, dtype=t.dtype, device=t.device)
-    weights = torch.tensor(cfg.score_timestep_weights, dtype=x0_hat.dtype, device=t.device)
-    at = (t[:, None] - timesteps[None]).abs().argmin(dim=1)
-    return ((x0_hat - target).square().flatten(1).mean(dim=1) * weights[at]).mean()
+        x_s = interpolate(x0_hat.detach().float(), eps_s, t_s)
+        v = guided_velocity(teacher, x_s, t_s, batch.cap_feats, [batch.neg_cap] * B, cfg.score_guidance)
+        return x0_from_velocity(x_s, v.float(), t_s)
 
 
 def teacher_taps(teacher: ZImageAdapter, x: Tensor, t_hat: Tensor, cap_feats, taps) -> dict[int, Tensor]:
@@ -272,7 +257,7 @@ def generator_step(
             fake_logits = disc(fake_feats, t_hat, batch.text_cond)
             loss = cfg.adversarial_weight * losses.g_loss(fake_logits, cfg.loss, cfg.aggregate)  # × 1.0 is exact
             if cfg.score_weight > 0:
-                score = score_loss(x0_hat, score_target(teacher, x0_hat, batch, cfg, rng), t, cfg)
+                score = (x0_hat - score_target(teacher, x0_hat, batch, cfg, rng)).square().mean()
                 loss = loss + cfg.score_weight * score
                 score_total += score.item() / n
             if cfg.distill_weight > 0:
