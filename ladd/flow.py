@@ -116,14 +116,29 @@ def teacher_sigmas(
     return sched.sigmas.clone()
 
 
-def student_scheduler() -> FlowMatchEulerDiscreteScheduler:
+def student_scheduler(timesteps: Sequence[float] | None = None) -> FlowMatchEulerDiscreteScheduler:
     """A scheduler whose default N-step call visits exactly the student's training timesteps.
 
-    With shift = 1 the scheduler leaves sigmas unshifted, and ZImagePipeline's default sigmas for N
-    steps are linspace(1, 1/N, N) — for N = 4: 1.0, 0.75, 0.5, 0.25 — so an exported pipeline needs
-    no custom argument. Timesteps that are not evenly spaced must be passed as `sigmas=` at call time.
+    ZImagePipeline's default sigmas for N steps are u = linspace(1, 1/N, N), which the scheduler shifts
+    to s·u / (1 + (s − 1)·u). With shift s = 1 (the default, and for `timesteps` None) they stay as
+    they are — for N = 4: 1.0, 0.75, 0.5, 0.25; timesteps that are such a shift of them get that shift
+    (`default_call_shift`: 1, 0.9, 0.75, 0.5 is the teacher's shift 3). Other timesteps get shift 1
+    and must be passed as `sigmas=` at call time (the scheduler shifts those too).
     """
-    return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0)
+    shift = default_call_shift(timesteps) if timesteps is not None else 1.0
+    return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift or 1.0)
+
+
+def default_call_shift(timesteps: Sequence[float]) -> float | None:
+    """The scheduler shift s that maps ZImagePipeline's default sigmas linspace(1, 1/N, N) onto
+    `timesteps` (N of them), or None if no shift does."""
+    n = len(timesteps)
+    u = torch.linspace(1.0, 1.0 / n, n, dtype=torch.float64).tolist()
+    if n < 2 or not 0 < timesteps[1] < 1:
+        return 1.0 if n == 1 and timesteps[0] == 1.0 else None
+    s = round(timesteps[1] * (1 - u[1]) / (u[1] * (1 - timesteps[1])), 6)  # solved at the second sigma
+    shifted = [s * x / (1 + (s - 1) * x) for x in u]
+    return s if all(abs(a - b) < 1e-6 for a, b in zip(shifted, timesteps)) else None
 
 
 def student_sigmas(timesteps: Sequence[float] = (1.0, 0.75, 0.5, 0.25), device=None) -> Tensor:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from ladd.flow import (
-    Curriculum, image_seq_len, interpolate, logit_normal, student_scheduler, student_sigmas, teacher_sigmas,
+    Curriculum, default_call_shift, image_seq_len, interpolate, logit_normal, student_scheduler, student_sigmas, teacher_sigmas,
     velocity_target, x0_from_velocity,
 )
 
@@ -74,3 +74,24 @@ def test_student_schedule_visits_training_timesteps():
     sched = student_scheduler()
     sched.set_timesteps(sigmas=torch.linspace(1.0, 0.25, 4).tolist())
     assert sched.sigmas.tolist() == [1.0, 0.75, 0.5, 0.25, 0.0]
+
+
+def test_the_exported_scheduler_shifts_the_default_call_onto_the_training_timesteps(tiny_pipe):
+    """student_scheduler(timesteps): the shift that takes ZImagePipeline's default 4-step sigmas to the
+    student's timesteps (3 for the teacher's spacing 1, .9, .75, .5), read off the transformer's own
+    inputs in a real pipeline call; timesteps that no shift reaches get shift 1 (and need sigmas=)."""
+    assert default_call_shift((1.0, 0.75, 0.5, 0.25)) == 1.0
+    assert default_call_shift((1.0, 0.9, 0.75, 0.5)) == 3.0
+    assert default_call_shift((1.0, 0.8, 0.5, 0.25)) is None
+    assert student_scheduler((1.0, 0.8, 0.5, 0.25)).config.shift == 1.0
+    seen, forward = [], tiny_pipe.transformer.forward
+    tiny_pipe.transformer.forward = lambda x, t, *a, **k: (seen.append(t.tolist()), forward(x, t, *a, **k))[1]
+    scheduler = tiny_pipe.scheduler
+    try:
+        tiny_pipe.scheduler = student_scheduler((1.0, 0.9, 0.75, 0.5))
+        tiny_pipe("x", height=32, width=32, num_inference_steps=4, guidance_scale=0.0,
+                  generator=torch.Generator().manual_seed(0), output_type="latent")
+    finally:
+        tiny_pipe.transformer.forward, tiny_pipe.scheduler = forward, scheduler
+    # Z-Image's transformer takes t_model = 1 − σ
+    assert [round(1 - t[0], 6) for t in seen] == [1.0, 0.9, 0.75, 0.5]

@@ -5,9 +5,9 @@
     ladd export runs/toy/checkpoints/step-00000300 --out runs/toy-300
 
 The folder is the teacher's pipeline (same text encoder, tokenizer, VAE) with the student's
-transformer and `student_scheduler()` — FlowMatchEulerDiscreteScheduler(shift=1.0) — so that
-ZImagePipeline's default N-step sigmas, linspace(1, 1/N, N), are unshifted: for N = 4 exactly the
-training timesteps 1, .75, .5, .25. Use it as
+transformer and `student_scheduler(timesteps)` — FlowMatchEulerDiscreteScheduler with the shift that
+takes ZImagePipeline's default N-step sigmas, linspace(1, 1/N, N), onto the training timesteps: shift 1
+for 1, .75, .5, .25, shift 3 for 1, .9, .75, .5 (timesteps no shift reaches need `sigmas=`). Use it as
 
     pipe = ZImagePipeline.from_pretrained("runs/toy-4step")
     image = pipe(prompt, num_inference_steps=4, guidance_scale=0.0).images[0]
@@ -34,7 +34,7 @@ from ladd.eval.samplers import (
     student_transformer,
     student_weights,
 )
-from ladd.flow import student_scheduler
+from ladd.flow import default_call_shift, student_scheduler
 from ladd.models.loading import load_pipeline
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -54,15 +54,14 @@ def export_student(run_or_checkpoint: str | Path, out: str | Path, *, ema: bool 
     pipe = load_pipeline(teacher_dir, "cpu", torch.float32)
     timesteps = [float(t) for t in config["method"]["student_timesteps"]]
     n = len(timesteps)
-    default = torch.linspace(1.0, 1.0 / n, n).tolist()
-    evenly = all(abs(a - b) < 1e-6 for a, b in zip(timesteps, default))
+    evenly = default_call_shift(timesteps) is not None  # the default N-step call visits them
 
     from diffusers import ZImagePipeline
 
     if lora:
         return export_lora(ckpt, weights, config, out, pipe)
     student = student_transformer(pipe.transformer, weights, partial=ema, config=config).to(DTYPES[dtype])
-    exported = ZImagePipeline(scheduler=student_scheduler(), vae=pipe.vae, text_encoder=pipe.text_encoder,
+    exported = ZImagePipeline(scheduler=student_scheduler(timesteps), vae=pipe.vae, text_encoder=pipe.text_encoder,
                               tokenizer=pipe.tokenizer, transformer=student)
     tmp = out.with_name(out.name + ".tmp")
     if tmp.exists():
@@ -81,7 +80,7 @@ def export_student(run_or_checkpoint: str | Path, out: str | Path, *, ema: bool 
         shutil.rmtree(out)
     tmp.rename(out)
     if not evenly:
-        print(f"note: the student's timesteps {timesteps} are not linspace(1, 1/{n}, {n}); the default call "
+        print(f"note: no scheduler shift takes linspace(1, 1/{n}, {n}) to the student's timesteps {timesteps}; the default call "
               f"does not visit them — call {info['call']}")
     print(f"exported {ckpt} ({info['weights']} weights, step {step}) to {out}; use "
           f"ZImagePipeline.from_pretrained({str(out)!r}) then {info['call']}")
@@ -101,5 +100,14 @@ def export_lora(ckpt: Path, weights: dict, config: dict, out: Path, pipe) -> Pat
     ZImagePipeline.save_lora_weights(out, transformer_lora_layers=lora_state_dict(pipe.transformer),
                                      safe_serialization=True)
     print(f"exported the LoRA adapters of {ckpt} to {out}; use pipe.load_lora_weights({str(out)!r}) on the "
-          f"teacher pipeline, with scheduler shift 1 and guidance_scale=0.0")
+          f"teacher pipeline, with {_lora_call(config)}")
     return out
+
+
+def _lora_call(config: dict) -> str:
+    """How to call the teacher pipeline with the adapters loaded, in words."""
+    timesteps = [float(t) for t in config["method"]["student_timesteps"]]
+    shift = default_call_shift(timesteps)
+    if shift is None:
+        return f"scheduler shift 1, sigmas={timesteps} and guidance_scale=0.0"
+    return f"FlowMatchEulerDiscreteScheduler(shift={shift:g}), num_inference_steps={len(timesteps)} and guidance_scale=0.0"
