@@ -54,7 +54,7 @@ def export_student(run_or_checkpoint: str | Path, out: str | Path, *, ema: bool 
     pipe = load_pipeline(teacher_dir, "cpu", torch.float32)
     timesteps = [float(t) for t in config["method"]["student_timesteps"]]
     n = len(timesteps)
-    evenly = default_call_shift(timesteps) is not None  # the default N-step call visits them
+    by_default = default_call_shift(timesteps) is not None  # the default N-step call visits them
 
     from diffusers import ZImagePipeline
 
@@ -72,14 +72,14 @@ def export_student(run_or_checkpoint: str | Path, out: str | Path, *, ema: bool 
         "source_checkpoint": str(ckpt), "step": step, "weights": "ema" if ema else "raw", "dtype": dtype,
         "teacher": str(teacher_dir), "teacher_fingerprint": teacher_fingerprint(teacher_dir),
         "timesteps": timesteps, "num_inference_steps": n, "guidance_scale": 0.0,
-        "call": (f"pipe(prompt, num_inference_steps={n}, guidance_scale=0.0)" if evenly else
+        "call": (f"pipe(prompt, num_inference_steps={n}, guidance_scale=0.0)" if by_default else
                  f"pipe(prompt, sigmas={timesteps}, guidance_scale=0.0)"),
     }
     (tmp / EXPORT_INFO).write_text(json.dumps(info, indent=1) + "\n")
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)
-    if not evenly:
+    if not by_default:
         print(f"note: no scheduler shift takes linspace(1, 1/{n}, {n}) to the student's timesteps {timesteps}; the default call "
               f"does not visit them — call {info['call']}")
     print(f"exported {ckpt} ({info['weights']} weights, step {step}) to {out}; use "
