@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from ladd.flow import (
-    Curriculum, default_call_shift, image_seq_len, interpolate, logit_normal, student_scheduler, student_sigmas, teacher_sigmas,
-    velocity_target, x0_from_velocity,
+    Curriculum, default_call_shift, image_seq_len, interpolate, logit_normal, student_scheduler, student_sigmas,
+    teacher_sigmas, velocity_target, x0_from_velocity,
 )
 
 

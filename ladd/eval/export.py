@@ -80,8 +80,8 @@ def export_student(run_or_checkpoint: str | Path, out: str | Path, *, ema: bool 
         shutil.rmtree(out)
     tmp.rename(out)
     if not by_default:
-        print(f"note: no scheduler shift takes linspace(1, 1/{n}, {n}) to the student's timesteps {timesteps}; the default call "
-              f"does not visit them — call {info['call']}")
+        print(f"note: no scheduler shift takes linspace(1, 1/{n}, {n}) to the student's timesteps {timesteps}; "
+              f"the default call does not visit them — call {info['call']}")
     print(f"exported {ckpt} ({info['weights']} weights, step {step}) to {out}; use "
           f"ZImagePipeline.from_pretrained({str(out)!r}) then {info['call']}")
     return out
@@ -110,4 +110,5 @@ def _lora_call(config: dict) -> str:
     shift = default_call_shift(timesteps)
     if shift is None:
         return f"scheduler shift 1, sigmas={timesteps} and guidance_scale=0.0"
-    return f"FlowMatchEulerDiscreteScheduler(shift={shift:g}), num_inference_steps={len(timesteps)} and guidance_scale=0.0"
+    return (f"FlowMatchEulerDiscreteScheduler(shift={shift:g}), num_inference_steps={len(timesteps)} and "
+            f"guidance_scale=0.0")
