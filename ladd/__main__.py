@@ -1,5 +1,3 @@
-import sys
+from ladd.cli import entry
 
-from ladd.cli import main
-
-sys.exit(main())
+entry()

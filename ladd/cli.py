@@ -174,5 +174,21 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def entry() -> None:
+    """The `ladd` command and `python -m ladd`: `main()`, then the exit.
+
+    A torchrun worker (WORLD_SIZE > 1) leaves with os._exit once its output is flushed: its work is
+    done and saved by then, and the interpreter's teardown is where torch's gloo threads can abort a
+    finished rank ("terminate called without an active exception"), which torchrun reports as a
+    failed job. An exception still leaves the ordinary way, with its traceback.
+    """
+    code = main()
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code or 0)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -1,4 +1,5 @@
-"""Packaging: a built wheel works on its own, and the private diffusers API ladd leans on is still there.
+"""Packaging: a built wheel works on its own, the private diffusers API ladd leans on is still there, and the
+`ladd` entry point leaves a torchrun worker without the interpreter teardown.
 
 The wheel test builds the repo into a wheel (offline, no build isolation), installs it into a fresh venv
 that sees this venv's dependencies through a .pth file (torch and diffusers are not reinstalled), and runs
@@ -101,3 +102,16 @@ def test_wheel_ships_the_toy_teacher_and_generates(tmp_path):
           "--out", out], timeout=120, cwd=tmp_path, env=env)
     pngs = sorted(out.glob("*.png"))
     assert len(pngs) == 1 and pngs[0].stat().st_size > 0, sorted(p.name for p in out.iterdir())
+
+
+@pytest.mark.parametrize("world", ["1", "2"])
+def test_a_torchrun_worker_keeps_its_output_and_exit_code_and_skips_the_teardown(world):
+    """Under torchrun (WORLD_SIZE > 1) `ladd` leaves with os._exit after flushing: a failing command's
+    code and message still come out, but no interpreter teardown (an atexit hook here) runs."""
+    hook = "import atexit, sys; atexit.register(lambda: print('teardown', flush=True)); "
+    code = hook + "sys.argv = ['ladd'] + sys.argv[1:]; from ladd.cli import entry; entry()"
+    env = {**os.environ, "WORLD_SIZE": world, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-c", code, "config", "show", "--config", "/nonexistent/x.toml"],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "config file /nonexistent/x.toml does not exist" in proc.stderr
+    assert ("teardown" in proc.stdout) == (world == "1")

@@ -11,6 +11,7 @@ Order of each iteration, top to bottom (as EDM2 / nanochat): validate -> checkpo
 from __future__ import annotations
 
 import copy
+import gc
 import json
 import math
 import os
@@ -461,5 +462,9 @@ def train(cfg: Config) -> dict:
     except BaseException:
         distributed.shutdown()
         raise
+    # The models (and the tensors their last collectives hold) go before the process group does,
+    # while the interpreter is whole: freed during its teardown, gloo's threads can abort the process.
+    del trainer
+    gc.collect()
     distributed.shutdown()
     return result
