@@ -59,13 +59,14 @@ def test_square_build_is_pinned(tmp_path):
     """A square-only build draws exactly what the builder before buckets drew. Values from that builder
     (commit 5e7474f) on the 2-core dev machine; 300 images, so the latents are encoded in two chunks
     (channels-last strides: reducing them flattened moved the shift by 2e-6). Any change to the random
-    streams moves these at the 1e-2 level; the weights were byte-identical."""
+    streams moves these at the 1e-2 level; the weights were byte-identical. Another host's CPU gave the
+    same code's values up to 8e-5 away (its float kernels differ), so they are held to 1e-3, not to the bit."""
     pin = dict(n_images=300, vae_steps=3, vae_batch=4, steps=3, batch=4, warmup=1, threads=1)
     report = build_toy(tmp_path / "pin", quick_config(**pin))
     want = {"vae_final_mse": 0.4055175483226776, "vae_psnr_db": 9.104726234129643,
             "vae_shift_factor": 0.011882529594004154, "vae_scaling_factor": 2.9811393875727163,
             "teacher_final_loss": 2.1059650182724, "unique_captions": 177}
-    assert {k: report[k] for k in want} == pytest.approx(want, rel=1e-9)
+    assert {k: report[k] for k in want} == pytest.approx(want, rel=1e-3)
     assert report["buckets"] == [{"name": "64x64", "width": 64, "height": 64, "n_images": 300}]
     assert pipeline_buckets(tmp_path / "pin") == [(64, 64)]
 
