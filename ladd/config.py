@@ -131,6 +131,8 @@ class MethodConfig(Section):
     """optimizer steps drawing only the two easiest timesteps"""
     student_inputs: StudentInputs = "interpolate"
     """input at t: "interpolate" (1 − t)·x0 + t·ε; "simulate": the student's own earlier steps from ε (no grad)"""
+    adversarial_inputs: StudentInputs = "interpolate"
+    """input of the adversarial and score terms at t < 1; "simulate": the student's own earlier steps (paired term: interpolated)"""
     loss: Loss = "hinge"
     """the adversarial loss ("nonsaturating" = the logistic GAN loss)"""
     aggregate: Aggregate = "mean_heads"

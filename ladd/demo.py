@@ -313,6 +313,8 @@ def method_line(m: dict) -> str:
         line += f" + {m['distill_weight']:g} × paired distillation ‖x̂0 − x0‖² (from each latent's own teacher noise)"
         if m.get("adversarial_noise") == "fresh":
             line += "; the disc judges a second pass from fresh noise"
+    if m.get("adversarial_inputs") == "simulate" and m.get("student_inputs") != "simulate":
+        line += "; the adversarial and score terms judge the student's own earlier steps at t < 1"
     if m.get("student_inputs") == "simulate":
         line += "; student inputs from its own earlier steps"
     return line

@@ -121,6 +121,51 @@ def test_simulated_student_input_is_the_students_own_few_step_inference(setup):
 
 
 @pytest.mark.slow
+def test_on_policy_adversarial_inputs_judge_the_later_steps_on_the_students_own_states(setup):
+    """method.adversarial_inputs = "simulate": the paired term keeps the interpolated pass; the rows at
+    t < 1 are run again from the student's own Euler steps from the pair's noise, and that x̂0 is the
+    fake the teacher re-noises for the disc (and the score term's). Rows at t = 1 keep the first pass;
+    with every row at t = 1, one more pass on row 0 reproduces it."""
+    from ladd.flow import student_sigmas, x0_from_velocity
+    from ladd.sampling import euler_sample
+
+    models, batch, opt_g, opt_d = setup
+    batch.pair_eps = torch.randn(batch.x0.shape, generator=torch.Generator().manual_seed(4))
+    ts = (1.0, 0.75, 0.5, 0.25)
+    for probs in ((0.5, 0.0, 0.5, 0.0), (1.0, 0.0, 0.0, 0.0)):
+        cfg = MethodConfig(student_timesteps=ts, student_timestep_probs=probs, distill_weight=2.0,
+                           adversarial_inputs="simulate")
+        seed = next(s for s in range(100) if probs[0] == 1 or
+                    len(set(draw_noise(batch, 0, cfg, torch.Generator().manual_seed(s))[0].tolist())) == 2)
+        t, _, t_hat, eps1, _, pair = draw_noise(batch, 0, cfg, torch.Generator().manual_seed(seed))
+        with torch.no_grad():
+            v = models.student(interpolate(batch.x0, pair, t), t, batch.cap_feats).velocity
+            x0_interp = x0_from_velocity(interpolate(batch.x0, pair, t), v, t)
+            want = x0_interp.clone()
+            for i in range(len(t)):
+                k = ts.index(float(t[i]))
+                if k > 0:
+                    x_t = euler_sample(models.student, pair[i:i + 1], student_sigmas(ts)[:k + 1],
+                                       batch.cap_feats[i:i + 1])
+                    v_i = models.student(x_t, t[i:i + 1], batch.cap_feats[i:i + 1]).velocity
+                    want[i] = x0_from_velocity(x_t, v_i, t[i:i + 1])[0]
+        student_spy, teacher_spy = Spy(models.student), Spy(models.teacher)
+        frozen_student = torch.optim.SGD(trainable(models.student), lr=0.0)
+        metrics, _ = generator_step(models, frozen_student, [batch], 0, cfg, torch.Generator().manual_seed(seed))
+        student_spy.handle.remove(), teacher_spy.handle.remove()
+        rows = (t < 1).sum().item() or 1
+        # the interpolated pass, len(ts) − 1 simulation steps and the graded pass on the later rows
+        assert [len(c["x"]) for c in student_spy.calls] == [2] + [rows] * 4
+        assert [c["grad"] for c in student_spy.calls] == [True, False, False, False, True]
+        fake = next(c for c in teacher_spy.calls if c["grad"])["x"]
+        torch.testing.assert_close(fake, interpolate(want, eps1, t_hat), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(metrics["distill_loss"], (x0_interp - batch.x0).square().mean().item(),
+                                   rtol=1e-4, atol=0)
+        if probs[0] == 1:
+            torch.testing.assert_close(want, x0_interp)
+
+
+@pytest.mark.slow
 def test_real_samples_are_renoised_teacher_latents(setup):
     """Regression ("real" = noise mixed with noise): real = (1 − t̂)·x0 + t̂·ε2, sharing t̂ with fake."""
     models, batch, opt_g, opt_d = setup

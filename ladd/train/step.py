@@ -19,6 +19,11 @@
     method.adversarial_noise "fresh", only the paired term uses that noise: the fake comes from a second
     student pass on fresh ε, so the disc judges the student on noises no pair holds.
 
+    ON-POLICY INPUTS (method.adversarial_inputs "simulate", with the paired term): the samples at t < 1
+    are run once more from where the student's own earlier Euler steps from their noise reach, as
+    4-step inference hands them; that x̂0 is the fake (and the score term's), so the later steps are
+    judged on the student's own blends. The paired term keeps the interpolated pass.
+
     MISMATCHED CAPTIONS (method.mismatch_weight w > 0, as SANA-Sprint and AMD's Nitro): the D-step also
     scores each real latent's features under the next sample's caption as fake, weighted w, so the
     disc has to read the prompt and the student's gradient carries it.
@@ -154,6 +159,29 @@ def adversarial_eps(eps: Tensor, pair: Tensor | None, cfg: MethodConfig) -> Tens
     return pair if pair is not None and cfg.adversarial_noise == "paired" else eps
 
 
+def on_policy(
+    student: ZImageAdapter, batch: Batch, t: Tensor, eps: Tensor, x0_hat: Tensor, cfg: MethodConfig
+) -> Tensor:
+    """x̂0 with the rows at t < timesteps[0] recomputed from the student's own earlier Euler steps from ε
+    (`method.adversarial_inputs = "simulate"`): what 4-step inference hands each later step, errors
+    included, so the adversarial and score terms judge the later steps on it; the paired term keeps
+    the interpolated pass, whose target x0 is reachable only from there.
+
+    At the first timestep both inputs are ε, so those rows keep the first pass. One pass on the other
+    rows; with none (all at the first timestep), on row 0, whose value it reproduces: every rank makes
+    the same calls (FSDP's collectives need it).
+    """
+    if cfg.adversarial_inputs != "simulate" or cfg.student_inputs == "simulate":
+        return x0_hat
+    later = (t < cfg.student_timesteps[0]).nonzero().flatten()
+    rows = later if len(later) else torch.zeros(1, dtype=torch.long, device=t.device)
+    caps = [batch.cap_feats[i] for i in rows.tolist()]
+    x_t = simulated_input(student, caps, t[rows], eps[rows], cfg.student_timesteps)
+    out = x0_hat.clone()
+    out[rows] = x0_from_velocity(x_t, student(x_t, t[rows], caps).velocity, t[rows]).to(out.dtype)
+    return out
+
+
 def student_x0(student: ZImageAdapter, batch: Batch, t: Tensor, eps: Tensor, cfg: MethodConfig) -> Tensor:
     """Steps 1-2: x_t = (1 − t)·x0 + t·ε (or the simulated x_t), v = student(x_t, t), x̂0 = x_t − t·v."""
     if cfg.student_inputs == "simulate":
@@ -205,7 +233,8 @@ def disc_inputs_no_grad(models: LaddModels, batch: Batch, step: int, cfg: Method
     """Steps 1-4 for a D-only step: no graph anywhere; real and fake share one teacher batch."""
     t, eps, t_hat, eps1, eps2, pair = draw_noise(batch, step, cfg, rng)
     with torch.no_grad():
-        x0_hat = student_x0(models.student, batch, t, adversarial_eps(eps, pair, cfg), cfg)
+        adv_eps = adversarial_eps(eps, pair, cfg)
+        x0_hat = on_policy(models.student, batch, t, adv_eps, student_x0(models.student, batch, t, adv_eps, cfg), cfg)
         fake = interpolate(x0_hat, eps1, t_hat)
         real = interpolate(batch.x0, eps2, t_hat)
         both = teacher_taps(
@@ -249,6 +278,7 @@ def generator_step(
         x0_hat = student_x0(student, batch, t, adv_eps, cfg)
         # The paired term's x̂0: the same pass, or its own one when the adversarial noise is fresh.
         x0_pair = x0_hat if pair is None or adv_eps is pair else student_x0(student, batch, t, pair, cfg)
+        x0_hat = on_policy(student, batch, t, adv_eps, x0_hat, cfg)  # the adversarial and score terms' x̂0
         fake = interpolate(x0_hat, eps1, t_hat)
         with torch.no_grad():
             real_feats = teacher_taps(teacher, interpolate(batch.x0, eps2, t_hat), t_hat, batch.cap_feats, disc.layers)
