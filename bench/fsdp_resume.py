@@ -55,7 +55,7 @@ def main() -> None:
     row = {"what": "fsdp_resume", "nproc": args.nproc, "fsdp": args.nproc > 1, "student": args.student}
     for step in (("toy", "prompts", "--n", "16", "--split", "train", "--out", str(work / "prompts.txt")),
                  ("precompute", "--pipeline", "toy", "--prompts", str(work / "prompts.txt"), "--out",
-                  str(work / "data"), "--steps", "4")):
+                  str(work / "data"), "--steps", "4", "--trajectory", "0.9,0.75,0.5")):  # configs/toy.toml's paired term
         proc = ladd(*step, nproc=0)
         if proc.returncode:
             print(json.dumps({**row, "error": f"{step[0]}: {last_line(proc)}"}), flush=True)

@@ -35,6 +35,8 @@ Optimizer = Literal["adamw", "adamw8bit"]
 Decay = Literal["none", "linear", "cosine"]
 StudentInputs = Literal["interpolate", "simulate"]
 AdversarialNoise = Literal["paired", "fresh"]
+PairedTarget = Literal["endpoint", "trajectory"]
+AdversarialTimesteps = Literal["all", "last"]
 MixedPrecision = Literal["auto", "bf16", "no"]
 OnCollapse = Literal["warn", "stop", "rollback"]
 Tracker = Literal["tensorboard", "wandb"]
@@ -143,6 +145,10 @@ class MethodConfig(Section):
     """λ > 0: student inputs use the teacher's own initial noise, + λ·‖x̂0 − x0‖²"""
     adversarial_noise: AdversarialNoise = "paired"
     """with λ > 0, the fake's noise: "paired" (the pair's, one pass) or "fresh" (new ε, a second pass)"""
+    paired_target: PairedTarget = "endpoint"
+    """with λ > 0: "endpoint" x0 from (1 − t)·x0 + t·ε; "trajectory": each step of the teacher's own path (data from precompute --trajectory)"""
+    adversarial_timesteps: AdversarialTimesteps = "all"
+    """the rows the adversarial and score terms train: "all", or "last" (those at the last student timestep; the others detached)"""
     mismatch_weight: float = 0.0
     """w > 0: the disc also learns real latents under another sample's caption as fake, weighted w"""
     score_weight: float = 0.0
@@ -179,6 +185,14 @@ class MethodConfig(Section):
             self.curriculum()
         except ValueError as e:
             raise ConfigError(f"method: {e}") from None
+        if self.paired_target == "trajectory":
+            wrong = ["distill_weight = 0"] if self.distill_weight == 0 else []
+            wrong += [f"{k} = {getattr(self, k)!r}" for k in ("student_inputs", "adversarial_inputs", "adversarial_noise")
+                      if getattr(self, k) != MethodConfig.__dataclass_fields__[k].default]
+            if wrong:
+                raise ConfigError(f"method.paired_target = 'trajectory' cannot run with {', '.join(wrong)}: it is a "
+                                  "paired term (distill_weight > 0) whose student inputs are the teacher's own states "
+                                  "(the default inputs and noise); change those, or set paired_target = 'endpoint'")
 
     def curriculum(self) -> Curriculum:
         return Curriculum(

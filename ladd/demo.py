@@ -120,19 +120,22 @@ def run_demo(cfg: DemoConfig) -> dict:
             path = out / f"{split}.txt"
             if not path.is_file():
                 path.write_text("\n".join(world.prompts(n, split, seed=0, **scene)) + "\n")
+    base = load_config(cfg.config, list(cfg.overrides))
+    # method.paired_target "trajectory" trains on the teacher's states at the student's later timesteps.
+    trajectory = base.method.student_timesteps[1:] if base.method.paired_target == "trajectory" else ()
     with _stage(timings, "precompute"):
         summaries = []
         for split in ("train", "eval"):
             summaries.append(run_precompute(PrecomputeConfig(
                 pipeline=cfg.pipeline, prompts=str(out / f"{split}.txt"), out=str(out / "data" / split),
                 steps=50, guidance=5.0, batch_size=32, seed=cfg.train_seed if split == "train" else 0,
-                decode_first=cfg.n_eval if split == "eval" else 0, buckets=cfg.buckets)))
+                decode_first=cfg.n_eval if split == "eval" else 0, buckets=cfg.buckets,
+                trajectory=trajectory if split == "train" else ())))
             if summaries[-1].stopped:  # preempted: its own line said so; the rerun continues
                 raise SystemExit(0)
     # Stages whose work an earlier invocation did: the report keeps that one's seconds.
     reused = {"precompute"} if all(s.nothing_to_do for s in summaries) else set()
 
-    base = load_config(cfg.config, list(cfg.overrides))
     ema = base.train.ema_decay > 0  # a run that keeps an EMA is judged (and exported) by it
     steps = cfg.steps or (max(base.train.steps // 3, 1) if cfg.quick else base.train.steps)
     def trained(run: Path, seed: int, extra: tuple[str, ...] = (), config: str | None = None) -> Path:
@@ -309,7 +312,10 @@ def per_bucket(rows: list[dict]) -> dict:
 def method_line(m: dict) -> str:
     """The student's loss in words, from the resolved `[method]` section."""
     line = f"LADD ({m['loss']} loss, G every {m['gen_update_interval']} steps, re-noise m = {m['renoise_m']})"
-    if m.get("distill_weight", 0) > 0:
+    if m.get("distill_weight", 0) > 0 and m.get("paired_target") == "trajectory":
+        line += (f" + {m['distill_weight']:g} × paired distillation along the teacher's path (each step from the "
+                 "teacher's state to its next one)")
+    elif m.get("distill_weight", 0) > 0:
         line += f" + {m['distill_weight']:g} × paired distillation ‖x̂0 − x0‖² (from each latent's own teacher noise)"
         if m.get("adversarial_noise") == "fresh":
             line += "; the disc judges a second pass from fresh noise"
@@ -317,4 +323,6 @@ def method_line(m: dict) -> str:
         line += "; the adversarial and score terms judge the student's own earlier steps at t < 1"
     if m.get("student_inputs") == "simulate":
         line += "; student inputs from its own earlier steps"
+    if m.get("adversarial_timesteps") == "last":
+        line += "; the adversarial and score terms train the last step only"
     return line

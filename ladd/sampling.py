@@ -44,17 +44,30 @@ def euler_sample(
     cap_feats: Sequence[Tensor],
     neg_cap_feats: Sequence[Tensor] | None = None,
     guidance: float = 0.0,
-) -> Tensor:
+    record: Sequence[float] = (),
+) -> Tensor | tuple[Tensor, Tensor]:
     """Integrate dx/dσ = v from σ = sigmas[0] down to sigmas[-1] (= 0). Returns float32 latents.
 
     With guidance > 0 the negative captions are required; cond and uncond share one forward.
+    `record`: σ values inside [sigmas[-1], sigmas[0]]; then also returns the states of the Euler path
+    at them, (B, len(record), C, H, W): on the step from σ_i to σ_{i+1} the path is x_i + (σ − σ_i)·v_i,
+    so a state at a schedule point is the sampler's own latent there, bit for bit.
     """
     x = noise.float()
     sigmas = sigmas.float().to(x.device)
+    lo, hi = sigmas[-1].item(), sigmas[0].item()
+    if any(not lo <= r <= hi for r in record):
+        raise ValueError(f"record σ {list(record)} must lie within the schedule's [{lo:g}, {hi:g}]")
+    states: list[Tensor | None] = [x.clone() if r == hi else None for r in record]
     for i in range(len(sigmas) - 1):
         v = guided_velocity(adapter, x, sigmas[i], cap_feats, neg_cap_feats, guidance)
+        for k, r in enumerate(record):
+            if states[k] is None and r >= sigmas[i + 1].item():  # r on this step: σ_i > r ≥ σ_{i+1}
+                states[k] = x + (sigmas[i + 1] - sigmas[i]) * v if r == sigmas[i + 1].item() else x + (r - sigmas[i]) * v
         x = x + (sigmas[i + 1] - sigmas[i]) * v
-    return x
+    if not record:
+        return x
+    return x, torch.stack(states, dim=1)
 
 
 def guided_velocity(

@@ -58,6 +58,34 @@ def test_euler_sampling_reproduces_pipeline(tiny_pipe, caps, guidance, steps):
     assert (ours - ref).abs().max().item() <= 1e-5
 
 
+def test_euler_sampling_records_the_pipelines_own_path(tiny_pipe, caps):
+    """record=σ: the states of ZImagePipeline's own Euler path there — at a schedule point its latents
+    after that step (callback_on_step_end), between two the straight line that step takes — and the
+    final latents unchanged (what `ladd precompute --trajectory` stores beside each latent)."""
+    steps, seeds = 8, [11, 12]
+    seen = []
+
+    def grab(_pipe, _i, _t, kwargs):
+        seen.append(kwargs["latents"].clone())
+        return kwargs
+
+    tiny_pipe(list(PROMPTS), height=32, width=32, num_inference_steps=steps, guidance_scale=5.0,
+              generator=[torch.Generator("cpu").manual_seed(s) for s in seeds], output_type="latent",
+              callback_on_step_end=grab)
+    noise = initial_noise(tiny_pipe, seeds, 32)
+    sigmas = teacher_sigmas(tiny_pipe.scheduler, steps, image_seq_len(16, 16))
+    neg, adapter = encode_prompts(tiny_pipe, ["", ""]), ZImageAdapter(tiny_pipe.transformer)
+    at, between = sigmas[3].item(), 0.3 * sigmas[5].item() + 0.7 * sigmas[6].item()
+    x, states = euler_sample(adapter, noise, sigmas, caps, neg, 5.0, record=(at, between))
+    assert states.shape == (2, 2, 16, 16, 16)
+    assert torch.equal(x, euler_sample(adapter, noise, sigmas, caps, neg, 5.0))
+    assert (states[:, 0] - seen[2]).abs().max().item() <= 1e-5  # seen[i]: after step i, at σ_{i+1}
+    frac = (between - sigmas[5].item()) / (sigmas[6].item() - sigmas[5].item())
+    assert (states[:, 1] - (seen[4] + frac * (seen[5] - seen[4]))).abs().max().item() <= 1e-5
+    with pytest.raises(ValueError, match=r"within the schedule's \[0, 1\]"):
+        euler_sample(adapter, noise, sigmas, caps, neg, 5.0, record=(1.5,))
+
+
 def _block_outputs(transformer, fn):
     seen = {}
 

@@ -41,6 +41,12 @@ def test_demo_runs_caches_and_reports(tmp_path):
     html = (tmp_path / "demo" / "report.html").read_text()
     assert html.count("data:image/png;base64,") == 2 and "gap closed" in html  # self-contained
     assert saved["train_config"]["train"]["seed"] == 0 and "+ 5 × paired distillation" in saved["method"]
+    # configs/toy.toml's paired term runs along the teacher's path: the train data hold its states there.
+    assert "along the teacher's path" in saved["method"] and "last step only" in saved["method"]
+    manifests = {split: json.loads((tmp_path / "demo" / "data" / split / "manifest.json").read_text())
+                 for split in ("train", "eval")}
+    assert manifests["train"]["sampling"]["trajectory"] == [0.9, 0.75, 0.5]
+    assert manifests["eval"]["sampling"]["trajectory"] == []
     # The guards, replayed per seed from metrics.jsonl (3 steps: too few for the 100-step logit-gap window).
     assert set(saved["health"]) == {"seed-0", "seed-1"}
     assert not any(v["collapse_logits"] for v in saved["health"].values()) and "health guard" in html

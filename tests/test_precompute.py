@@ -92,7 +92,7 @@ def test_format(seven):
     assert m["teacher"]["fingerprint"] == fmt.teacher_fingerprint(m["teacher"]["pipeline"])
     assert m["sampling"] | {"seed_rule": None, "bucket_rule": None} == {
         "steps": 4, "guidance": 5.0, "negative_prompt": "", "seed": 0, "seed_rule": None, "bucket_rule": None,
-        "max_sequence_length": 512}
+        "max_sequence_length": 512, "trajectory": []}
     assert m["buckets"] == [{"name": "32x32", "width": 32, "height": 32, "weight": 1.0, "latent_shape": [16, 16, 16],
                              "count": 7}]  # --resolution (here the VAE's sample_size) is one square bucket
     assert [(s["file"], s["bucket"], s["count"]) for s in m["shards"]] == [
@@ -224,6 +224,41 @@ def test_clip_embeddings(tiny_dir, tmp_path, capsys):
             ref = model(**tokenizer([p], truncation=True, max_length=77, return_tensors="pt")).text_embeds[0]
             torch.testing.assert_close(clip[i], ref, rtol=1e-5, atol=1e-5)
     assert fmt.read_manifest(tmp_path / "o")["storage"]["clip_dim"] == 512
+
+
+def test_trajectory_states_sit_beside_the_same_latents(seven, tmp_path, capsys):
+    """--trajectory σ,...: each shard also holds the teacher's states at those σ on its own path
+    (tests/test_adapter.py pins them to ZImagePipeline's), the latents are byte-for-byte those of the
+    job without it, `ladd data check` and the reader know the tensor, and a rerun that changes the σ is
+    refused. Bad σ lists are one line."""
+    from ladd.data.shards import ShardDataset
+
+    out, args = seven
+    traj = tmp_path / "traj"
+    args = [str(a) for a in args]
+    args[args.index("--out") + 1] = str(traj)
+    rc, _, _ = run_cli(capsys, *args, "--trajectory", "0.8,0.3")
+    assert rc == 0
+    m = fmt.read_manifest(traj)
+    assert m["sampling"]["trajectory"] == [0.8, 0.3] and fmt.check_dataset(traj) == []
+    for k, s in enumerate(m["shards"]):
+        a, b = load_file(out / s["file"]), load_file(traj / s["file"])
+        assert torch.equal(a["latents"], b["latents"]) and b["states"].shape == (s["count"], 2, 16, 16, 16)
+        # nearer the end of the path, nearer the latent
+        assert (b["states"][:, 1] - b["latents"]).square().mean() < (b["states"][:, 0] - b["latents"]).square().mean()
+    ds = ShardDataset(traj, batch_size=2)
+    assert ds.trajectory == (0.8, 0.3)
+    batch = ds.batch([0, 4])
+    want = torch.stack([load_file(traj / fmt.shard_name(0))["states"][0], load_file(traj / fmt.shard_name(1))["states"][1]])
+    assert torch.equal(batch.states, want)
+    assert ShardDataset(out, batch_size=2).batch([0, 1]).states is None
+    rc, _, err = run_cli(capsys, *args, "--trajectory", "0.8")
+    assert rc == 2 and "--trajectory differs (the existing job has --trajectory [0.8, 0.3], this run asks for [0.8])" in err
+    args[args.index("--out") + 1] = str(tmp_path / "bad")
+    for bad, why in (("0.3,0.8", "decreasing"), ("1.0", "in (0, 1)"), ("0.5,x", "separated by commas")):
+        rc, _, err = run_cli(capsys, *args, "--trajectory", bad)
+        assert rc == 2 and len(error_lines(err)) == 1 and why in err, err
+    assert not (tmp_path / "bad").exists()
 
 
 def test_bad_input_is_one_line(tiny_dir, tmp_path, capsys):

@@ -322,6 +322,59 @@ def test_fresh_adversarial_noise_judges_a_second_pass_on_new_noise(setup):
         MethodConfig(adversarial_noise="both")
 
 
+def test_trajectory_windows_start_on_the_teachers_path_and_aim_at_its_next_state(setup):
+    """method.paired_target = "trajectory": the student at t_k starts from the teacher's state there
+    (ε_T at t = 1), and the paired target is the x0 whose Euler step from it lands on the teacher's
+    state at t_{k+1} (x0 at the last step); with adversarial_timesteps "last" the disc's gradient
+    reaches only the rows at the last timestep. The student's gradient, by hand; D-only steps alike."""
+    models, batch, opt_g, opt_d = setup
+    ts = (1.0, 0.9, 0.75, 0.5)
+    g = torch.Generator().manual_seed(9)
+    pair_eps = torch.randn(batch.x0.shape, generator=g)
+    states = torch.randn(2, 3, *batch.x0.shape[1:], generator=g)
+    data = Batch(batch.x0, batch.cap_feats, batch.text_cond, pair_eps, states=states)
+    cfg = MethodConfig(distill_weight=2.0, paired_target="trajectory", adversarial_timesteps="last",
+                       student_timesteps=ts, student_timestep_probs=(0, 0.5, 0, 0.5), grad_clip_g=0)
+    seed = next(s for s in range(100) if sorted(round(v, 4) for v in draw_noise(
+        data, 0, cfg, torch.Generator().manual_seed(s))[0].tolist()) == [0.5, 0.9])  # a row at 0.9, one at the last
+    t, _, t_hat, eps1, _, _ = draw_noise(data, 0, cfg, torch.Generator().manual_seed(seed))
+    path = [pair_eps, states[:, 0], states[:, 1], states[:, 2], batch.x0]  # the teacher's path at ts, then x0
+    x_t, target = torch.empty_like(batch.x0), torch.empty_like(batch.x0)
+    for i in range(2):
+        k = [round(v, 4) for v in ts].index(round(t[i].item(), 4))
+        x_t[i] = path[k][i]
+        # Euler: x_{k+1} = x_t + (t_{k+1} − t_k)·v with v = (x_t − x̂0)/t_k; solved for x̂0.
+        target[i] = batch.x0[i] if k == 3 else x_t[i] - ts[k] * (x_t[i] - path[k + 1][i]) / (ts[k] - ts[k + 1])
+        if k < 3:
+            step = x_t[i] + (ts[k + 1] - ts[k]) * (x_t[i] - target[i]) / ts[k]
+            torch.testing.assert_close(step, path[k + 1][i])
+    ref = copy.deepcopy(models.student)
+    x0_hat = x_t - t.view(-1, 1, 1, 1) * ref(x_t, t, batch.cap_feats).velocity
+    last = (t == 0.5).view(-1, 1, 1, 1)
+    fake = interpolate(torch.where(last, x0_hat, x0_hat.detach()), eps1, t_hat)
+    feats = models.teacher(fake, t_hat, batch.cap_feats, taps=models.disc.layers, velocity=False).feats
+    mse = (x0_hat - target).square().mean()
+    (-models.disc(feats, t_hat, batch.text_cond).mean() + 2.0 * mse).backward()
+    want = [p.grad for p in trainable(ref)]
+    spy = Spy(models.student)
+    with recorded_grads(opt_g, models.student) as got:
+        metrics, _ = generator_step(models, opt_g, [data], 0, cfg, torch.Generator().manual_seed(seed))
+    (call,) = spy.calls
+    torch.testing.assert_close(call["x"], x_t)
+    assert metrics["distill_loss"] == pytest.approx(mse.item(), rel=1e-5)
+    assert_grads_equal(got, want)
+    spy.calls.clear()
+    disc_inputs_no_grad(models, data, 1, cfg, torch.Generator().manual_seed(seed))
+    torch.testing.assert_close(spy.calls[0]["x"], x_t)
+    with pytest.raises(ValueError, match=r"needs the teacher's states at \[0.9, 0.75, 0.5\]"):
+        generator_step(models, opt_g, [Batch(batch.x0, batch.cap_feats, batch.text_cond, pair_eps)], 0, cfg,
+                       torch.Generator().manual_seed(seed))
+    with pytest.raises(ConfigError, match="cannot run with distill_weight = 0: it is a paired term"):
+        MethodConfig(paired_target="trajectory")
+    with pytest.raises(ConfigError, match="cannot run with adversarial_noise = 'fresh'"):
+        MethodConfig(paired_target="trajectory", distill_weight=1.0, adversarial_noise="fresh")
+
+
 def test_score_distillation_pulls_x0_hat_towards_the_guided_teachers_denoising(setup):
     """method.score_weight w (ADD's distillation term): after the step's draws, t_s ~ logit-normal(m, s)
     and ε_s; x_s = (1 − t_s)·sg(x̂0) + t_s·ε_s; the teacher's guided velocity v = v_c + g·(v_c − v_u)

@@ -408,6 +408,45 @@ def test_distillation_pairs_each_latent_with_the_teacher_noise_that_made_it(worl
     torch.testing.assert_close(batch.neg_cap, neg[0].float(), atol=0, rtol=0)
 
 
+def test_trajectory_data_carry_the_teachers_own_path_at_the_student_timesteps(world, capsys):
+    """method.paired_target = "trajectory": each batch carries the teacher's states at the student's
+    later timesteps, stored by `ladd precompute --trajectory`: on the straight line of ZImagePipeline's
+    own Euler step from that latent's noise (its latents after each step). Data without them, or at
+    other σ, are refused in one line that gives the precompute flag; a short run trains."""
+    from ladd.data.precompute import PrecomputeConfig, run_precompute
+    from ladd.data.shards import DataError
+    from ladd.flow import image_seq_len, teacher_sigmas
+    from ladd.train.loop import Trainer, train
+
+    ts = {"method.distill_weight": "1.0", "method.paired_target": '"trajectory"',
+          "method.student_timesteps": "[1.0, 0.75, 0.5, 0.25]"}
+    with pytest.raises(DataError, match=r"holds no teacher states, but .* rerun `ladd precompute` with "
+                                        r"--trajectory 0.75,0.5,0.25 \(and another --out\)$"):
+        Trainer(load_config(None, overrides(world, world / "no-states", **ts)))
+    run_precompute(PrecomputeConfig(pipeline=str(world / "tiny"), prompts=str(world / "prompts.txt"),
+                                    out=str(world / "data-path"), steps=4, shard_size=3, trajectory=(0.75, 0.5, 0.25)))
+    data = {"data.path": f'"{world / "data-path"}"'}
+    with pytest.raises(DataError, match="holds states at σ 0.75,0.5,0.25, but .* needs them at 0.9,0.5,0.25"):
+        Trainer(load_config(None, overrides(world, world / "other", **data,
+                                            **ts | {"method.student_timesteps": "[1.0, 0.9, 0.5, 0.25]"})))
+    trainer = Trainer(load_config(None, overrides(world, world / "path", **ts, **data)))
+    first = trainer.data.epoch_indices(0)[:2].tolist()
+    (batch,) = trainer.next_micro_batches()
+    assert batch.states.shape == (2, 3, *batch.x0.shape[1:])
+    pipe = build_tiny_pipeline(seed=2)
+    sigmas = teacher_sigmas(pipe.scheduler, 4, image_seq_len(16, 16)).tolist()
+    for j, i in enumerate(first):
+        seen = [batch.pair_eps[j : j + 1]]
+        pipe(PROMPTS[i], height=32, width=32, num_inference_steps=4, guidance_scale=5.0, latents=batch.pair_eps[j : j + 1],
+             output_type="latent", callback_on_step_end=lambda _p, _i, _t, kw: seen.append(kw["latents"].clone()) or kw)
+        torch.testing.assert_close(seen[-1][0], batch.x0[j], atol=1e-4, rtol=0)
+        for k, sigma in enumerate((0.75, 0.5, 0.25)):
+            n = next(n for n in range(4) if sigmas[n] >= sigma >= sigmas[n + 1])  # the step that crosses σ
+            frac = (sigma - sigmas[n]) / (sigmas[n + 1] - sigmas[n])
+            torch.testing.assert_close(batch.states[j, k], (seen[n] + frac * (seen[n + 1] - seen[n]))[0], atol=1e-4, rtol=0)
+    assert train(load_config(None, overrides(world, world / "path-run", steps=2, **ts, **data)))["finished"]
+
+
 @pytest.mark.slow
 def test_eval_warns_when_a_distilled_student_meets_its_training_noise(world):
     from ladd.eval.commands import seen_noise_warning

@@ -34,6 +34,9 @@ def add_parser(sub) -> None:
     p.add_argument("--decode-first", type=int, default=0, metavar="K", help="also write the first K images as PNG")
     p.add_argument("--clip", default=None, metavar="DIR", help="CLIPTextModelWithProjection folder: store text_embeds")
     p.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
+    p.add_argument("--trajectory", default="", metavar="SIGMAS",
+                   help="also store each sample's state on the teacher's path at these σ, e.g. 0.9,0.75,0.5 "
+                        "(method.paired_target = 'trajectory' needs the student's timesteps after the first)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the transformer blocks (GPU speed; latents equal within float tolerance)")
     p.set_defaults(func=cmd_precompute)
@@ -52,7 +55,7 @@ def cmd_precompute(args: argparse.Namespace) -> int:
             buckets=args.buckets,
             steps=args.steps, guidance=args.guidance, negative_prompt=args.negative_prompt, seed=args.seed,
             batch_size=args.batch_size, dtype=args.dtype, decode_first=args.decode_first, clip=args.clip,
-            shard_size=args.shard_size, compile=args.compile,
+            shard_size=args.shard_size, compile=args.compile, trajectory=_sigmas(args.trajectory),
         )
         run_precompute(cfg)
     except Refused:
@@ -62,6 +65,13 @@ def cmd_precompute(args: argparse.Namespace) -> int:
             print(f"ladd precompute: error: {err}", file=sys.stderr)
         return 2
     return 0
+
+
+def _sigmas(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(r) for r in text.split(",") if r.strip())
+    except ValueError:
+        raise PrecomputeError(f"--trajectory {text!r}: give σ values separated by commas, e.g. 0.9,0.75,0.5") from None
 
 
 def cmd_data_check(args: argparse.Namespace) -> int:

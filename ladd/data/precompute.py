@@ -67,6 +67,9 @@ class PrecomputeConfig:
     clip: str | None = None  # a CLIPTextModelWithProjection + CLIPTokenizer folder
     shard_size: int = 1000
     compile: bool = False  # compiled transformer blocks: same latents within float tolerance, not bitwise
+    # σ in (0, 1) at which each sample's state on the teacher's Euler path is stored too (`states`, one
+    # latent per σ): method.paired_target = "trajectory" needs the student's timesteps after the first.
+    trajectory: tuple[float, ...] = ()
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "shard_size"):
@@ -76,6 +79,10 @@ class PrecomputeConfig:
             raise PrecomputeError("--seed, --decode-first and --guidance must not be negative")
         if self.dtype not in DTYPES:
             raise PrecomputeError(f"--dtype must be one of {', '.join(DTYPES)}")
+        object.__setattr__(self, "trajectory", tuple(float(r) for r in self.trajectory))
+        if any(not 0 < r < 1 for r in self.trajectory) or list(self.trajectory) != sorted(set(self.trajectory), reverse=True):
+            raise PrecomputeError(f"--trajectory {','.join(f'{r:g}' for r in self.trajectory)}: give distinct σ in "
+                                  "(0, 1), decreasing (e.g. the student's timesteps after the first: 0.9,0.75,0.5)")
         if self.resolution is not None and self.buckets is not None:
             raise PrecomputeError(f"--resolution {self.resolution} and --buckets {self.buckets!r} both given: a "
                                   f"square resolution is the bucket {self.resolution}x{self.resolution}; pass one of them")
@@ -199,6 +206,7 @@ def describe_job(cfg: PrecomputeConfig, buckets: list[bk.Bucket], assignment: np
             "bucket_rule": "the prompt's own width/height, else bucket k where u_i = numpy.random.default_rng("
                            "[seed, 0x6275636B]).random(N)[i] · Σ weights falls in k's share of the cumulative weights",
             "max_sequence_length": MAX_SEQUENCE_LENGTH,
+            "trajectory": list(cfg.trajectory),
         },
         "buckets": [{**entry, "latent_shape": list(b.latent_shape(transformer["in_channels"], scale)), "count": c}
                     for b, entry, c in zip(buckets, bk.to_json(buckets), counts)],
@@ -223,6 +231,7 @@ def _identity(m: dict) -> dict[str, object]:
         "--buckets": [b["name"] + (f":{b['weight']:g}" if b.get("weight", 1) != 1 else "") for b in m["buckets"]],
         "--steps": s["steps"], "--guidance": s["guidance"],
         "--negative-prompt": s["negative_prompt"], "--seed": s["seed"], "--dtype": st["dtype"],
+        "--trajectory": s.get("trajectory", []),
         "--shard-size": st["shard_size"], "--decode-first": m["decode_first"],
         "--clip": st["clip"] and st["clip"]["fingerprint"], "--prompts": m["prompts"]["sha256"],
     }
@@ -352,6 +361,7 @@ class Teacher:
         order = sorted(range(n), key=lambda j: lengths[j])
         sigmas = self.sigmas(bucket)
         latents: list[torch.Tensor] = [None] * n
+        states: list[torch.Tensor] = [None] * n
         caps: list[torch.Tensor] = [None] * n
         for b in range(0, n, bs):
             if stop():  # a preemption signal: the batch in flight has finished, start no other
@@ -366,9 +376,12 @@ class Teacher:
             noise = initial_noise(self.pipe, [seeds[j] for j in idx], bucket.size).to(self.device)
             model_caps = [f.to(self.adapter.dtype) for f in feats]
             neg = None if self.neg is None else [self.neg] * len(idx)
-            x = euler_sample(self.adapter, noise, sigmas, model_caps, neg, self.cfg.guidance).cpu()
+            x = euler_sample(self.adapter, noise, sigmas, model_caps, neg, self.cfg.guidance, self.cfg.trajectory)
+            x, path = (x[0].cpu(), x[1].cpu()) if self.cfg.trajectory else (x.cpu(), None)
             for k, j in enumerate(idx):
                 latents[j], caps[j] = x[k], feats[k].cpu()
+                if path is not None:
+                    states[j] = path[k]
             progress.update(len(idx))
         store = DTYPES[self.cfg.dtype]
         flat, lens = pack(caps)
@@ -379,6 +392,8 @@ class Teacher:
             "cap_lens": lens,
             "pooled": pooled(caps),
         }
+        if self.cfg.trajectory:
+            tensors["states"] = torch.stack(states).to(store)
         if self.clip is not None:
             tensors["clip"] = self._clip_embeds(prompts)
         return tensors

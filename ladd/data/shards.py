@@ -3,7 +3,7 @@ the training reader `ShardDataset`. `docs/data-format.md` describes the files fo
 
     OUT/manifest.json              what made the data (teacher fingerprint, sampling, seed rule, buckets)
     OUT/prompts.jsonl              {"prompt", "width", "height"} per line, in sample order
-    OUT/shard-00000.safetensors    latents, seeds, indices, cap_feats, cap_lens, pooled[, clip]; one bucket each
+    OUT/shard-00000.safetensors    latents, seeds, indices, cap_feats, cap_lens, pooled[, clip][, states]; one bucket each
     OUT/images/00000.png           with --decode-first K: the first K teacher images
 
 No pickle anywhere: JSON and safetensors only. A shard is written under a temporary name and renamed
@@ -301,6 +301,8 @@ def _check_shard(root: Path, manifest: dict, entry: dict, samples: np.ndarray, l
     }
     if storage.get("clip_dim"):
         expect["clip"] = (n, storage["clip_dim"])
+    if trajectory := manifest["sampling"].get("trajectory"):
+        expect["states"] = (n, len(trajectory), *latent_shape)
     if manifest["format_version"] >= 2:
         expect["indices"] = (n,)
     for key, shape in expect.items():
@@ -315,7 +317,7 @@ def _check_shard(root: Path, manifest: dict, entry: dict, samples: np.ndarray, l
         return f"its samples are not bucket {entry['bucket']}'s in the manifest's order"
     if not torch.equal(t["seeds"], manifest["sampling"]["seed"] + indices):
         return "seeds do not follow the seed rule (seed + sample index)"
-    for key in ("latents", "cap_feats", "pooled", "clip"):
+    for key in ("latents", "cap_feats", "pooled", "clip", "states"):
         if key in t and not torch.isfinite(t[key].float()).all():
             return f"{key} has non-finite values"
     return None
@@ -354,6 +356,7 @@ class ShardBatch(NamedTuple):
     clip: Tensor | None  # (B, clip_dim) float32 when the data has CLIP embeddings
     indices: Tensor  # (B,) int64 sample indices (line numbers of prompts.jsonl)
     seeds: Tensor  # (B,) int64 the seed of each sample's initial noise
+    states: Tensor | None = None  # (B, K, C, H, W) float32: the teacher's path at the data's `trajectory` σ
 
 
 class ShardDataset:
@@ -401,6 +404,7 @@ class ShardDataset:
         self.rank, self.world_size, self.seed, self.batch_size = rank, world_size, seed, batch_size
         self.shards = self.manifest["shards"]
         self.num_samples = self.manifest["num_samples"]
+        self.trajectory = tuple(self.manifest["sampling"].get("trajectory", ()))  # σ of `states`, if stored
         where = layout(self.path, self.manifest)
         self.buckets, self.latent_shapes, self.sample_bucket = where.buckets, where.latent_shapes, where.sample_bucket
         self.bucket_counts = where.bucket_counts()
@@ -481,6 +485,7 @@ class ShardDataset:
             "cap_feats": f.get_slice("cap_feats")[a:b].float(),
             "pooled": f.get_slice("pooled")[j : j + 1][0].float(),
             "clip": f.get_slice("clip")[j : j + 1][0].float() if "clip" in keys else None,
+            "states": f.get_slice("states")[j : j + 1][0].float() if "states" in keys else None,
         }
 
     # --- the per-epoch, per-rank order -----------------------------------------------------------
@@ -527,7 +532,7 @@ class ShardDataset:
     def batch(self, indices: list[int]) -> ShardBatch:
         """These samples as one batch (they must share a bucket)."""
         samples = [self[i] for i in indices]
-        clip = [s["clip"] for s in samples]
+        clip, states = [s["clip"] for s in samples], [s["states"] for s in samples]
         return ShardBatch(
             latents=torch.stack([s["latents"] for s in samples]),
             cap_feats=[s["cap_feats"] for s in samples],
@@ -535,6 +540,7 @@ class ShardDataset:
             clip=None if clip[0] is None else torch.stack(clip),
             indices=torch.tensor([s["index"] for s in samples], dtype=torch.int64),
             seeds=torch.tensor([s["seed"] for s in samples], dtype=torch.int64),
+            states=None if states[0] is None else torch.stack(states),
         )
 
     def state_dict(self) -> dict:

@@ -74,6 +74,7 @@ class Trainer:
                                  expect_fingerprint=teacher_fingerprint(self.pipeline_dir),
                                  batch_size=cfg.data.batch_per_rank)
         check_buckets(cfg, self.data, pipe.vae_scale_factor * 2)
+        check_trajectory(cfg, self.data)
         # Damaged teacher data is refused before the first step, by every rank together: each rank
         # hashes a 1/world share of the shards (every rank reads every shard, so a lazy check would
         # hash the whole data set on each), then they agree. Never trained on, never a hang.
@@ -171,10 +172,11 @@ class Trainer:
             pair_eps = None
             if cfg.method.distill_weight > 0:  # each x0's own initial noise, by the precompute's seed rule
                 pair_eps = seeded_noise(b.seeds.tolist(), b.latents.shape[1:]).to(self.dist.device)
+            states = b.states.to(self.dist.device) if cfg.method.paired_target == "trajectory" else None
             latents = b.latents.to(self.dist.device)
             if injected("nan_batch", self.state.step):  # fault tests: a damaged sample on this rank
                 latents = torch.full_like(latents, math.nan)
-            out.append(Batch(latents, caps, cond, pair_eps, neg))
+            out.append(Batch(latents, caps, cond, pair_eps, neg, states))
         return out
 
     def negative_caption(self) -> torch.Tensor:
@@ -404,6 +406,19 @@ def check_buckets(cfg: Config, data: ShardDataset, factor: int) -> None:
         raise DataError(f"{cfg.data.path}: bucket {b.name} has {n} samples, fewer than one step's {step} "
                         f"({data.batch_size} per rank × {data.world_size} rank(s)), so it would never be trained; "
                         "precompute more prompts for it, or lower data.batch_per_rank")
+
+
+def check_trajectory(cfg: Config, data: ShardDataset) -> None:
+    """method.paired_target "trajectory" reads the teacher's states at the student's timesteps after the first."""
+    if cfg.method.paired_target != "trajectory":
+        return
+    want = list(cfg.method.student_timesteps[1:])
+    have = list(data.trajectory)
+    if len(have) != len(want) or any(abs(a - b) > 1e-6 for a, b in zip(have, want)):
+        held = f"states at σ {','.join(f'{r:g}' for r in have)}" if have else "no teacher states"
+        raise DataError(f"{cfg.data.path} holds {held}, but method.paired_target = 'trajectory' with student_timesteps "
+                        f"{list(cfg.method.student_timesteps)} needs them at {','.join(f'{r:g}' for r in want)}: rerun "
+                        f"`ladd precompute` with --trajectory {','.join(f'{r:g}' for r in want)} (and another --out)")
 
 
 def build_roles(transformer, student: str, lora_rank: int, lora_alpha: float,

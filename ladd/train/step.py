@@ -19,6 +19,14 @@
     method.adversarial_noise "fresh", only the paired term uses that noise: the fake comes from a second
     student pass on fresh ε, so the disc judges the student on noises no pair holds.
 
+    TRAJECTORY WINDOWS (method.paired_target "trajectory", with the paired term): the student at t_k
+    starts from the teacher's own state on its 50-step path at t_k (ε at the first timestep; stored by
+    `ladd precompute --trajectory`), and the paired target is the x0 whose Euler step from there lands
+    on the teacher's state at t_{k+1} (x0 itself at the last step): each of the 4 steps learns its own
+    stretch of the teacher's path, where the endpoint target asks every step for the straight line to
+    x0 that the teacher's path is not. The adversarial and score terms judge the same pass.
+    method.adversarial_timesteps "last": they train only the rows at the last timestep.
+
     ON-POLICY INPUTS (method.adversarial_inputs "simulate", with the paired term): the samples at t < 1
     are run once more from where the student's own earlier Euler steps from their noise reach, as
     4-step inference hands them; that x̂0 is the fake (and the score term's), so the later steps are
@@ -67,6 +75,7 @@ class Batch:
     text_cond: Tensor  # (B, text_dim) disc conditioning: pooled caption features or CLIP
     pair_eps: Tensor | None = None  # (B, C, H, W) the teacher's initial noise of each x0 (distillation)
     neg_cap: Tensor | None = None  # (L, cap_feat_dim) the data's negative prompt (method.score_weight)
+    states: Tensor | None = None  # (B, K, C, H, W) the teacher's path at student_timesteps[1:] (paired_target)
 
     def __len__(self) -> int:
         return self.x0.shape[0]
@@ -183,13 +192,46 @@ def on_policy(
 
 
 def student_x0(student: ZImageAdapter, batch: Batch, t: Tensor, eps: Tensor, cfg: MethodConfig) -> Tensor:
-    """Steps 1-2: x_t = (1 − t)·x0 + t·ε (or the simulated x_t), v = student(x_t, t), x̂0 = x_t − t·v."""
+    """Steps 1-2: x_t = (1 − t)·x0 + t·ε (or the simulated x_t, or the teacher's state at t), v =
+    student(x_t, t), x̂0 = x_t − t·v."""
     if cfg.student_inputs == "simulate":
         x_t = simulated_input(student, batch.cap_feats, t, eps, cfg.student_timesteps)
+    elif cfg.paired_target == "trajectory":
+        x_t = trajectory_window(batch, t, eps, cfg.student_timesteps)[0]
     else:
         x_t = interpolate(batch.x0, eps, t)
     v = student(x_t, t, batch.cap_feats).velocity
     return x0_from_velocity(x_t, v, t)
+
+
+def trajectory_window(batch: Batch, t: Tensor, eps: Tensor, timesteps: Sequence[float]) -> tuple[Tensor, Tensor]:
+    """(x_t, target) of the teacher's path for each row (method.paired_target "trajectory"): x_t is the
+    teacher's state at the row's t_k (ε, the pair's noise, at the first timestep), and the target is
+    the x0 whose Euler step from x_t lands on the teacher's state at t_{k+1}:
+    x_t − t_k·(x_t − x_{k+1}) / (t_k − t_{k+1}); at the last timestep (t_{k+1} = 0) that is x0 itself."""
+    if batch.states is None or batch.states.shape[1] != len(timesteps) - 1:
+        raise ValueError(f"method.paired_target 'trajectory' needs the teacher's states at {list(timesteps[1:])} "
+                         "(Batch.states, one per timestep after the first)")
+    at = [torch.isclose(t, torch.tensor(now, dtype=t.dtype, device=t.device)) for now in timesteps]
+    if not bool(torch.stack(at).any(0).all()):
+        raise ValueError(f"student timesteps {t.tolist()} are not all among {list(timesteps)}")
+    path = [eps, *batch.states.unbind(1), batch.x0]
+    x_t, target = torch.empty_like(batch.x0), torch.empty_like(batch.x0)
+    for k, (now, rows) in enumerate(zip(timesteps, at)):
+        here, nxt = path[k][rows].to(x_t.dtype), path[k + 1][rows].to(x_t.dtype)
+        x_t[rows] = here
+        last = k == len(timesteps) - 1
+        target[rows] = nxt if last else here - now * (here - nxt) / (now - timesteps[k + 1])
+    return x_t, target
+
+
+def adversarial_rows(x0_hat: Tensor, t: Tensor, cfg: MethodConfig) -> Tensor:
+    """x̂0 for the adversarial and score terms: with method.adversarial_timesteps "last", the rows at
+    other timesteps are detached (their values stay; the terms train the last step only)."""
+    if cfg.adversarial_timesteps == "all":
+        return x0_hat
+    last = torch.isclose(t, torch.tensor(cfg.student_timesteps[-1], dtype=t.dtype, device=t.device))
+    return torch.where(last.view(-1, *[1] * (x0_hat.ndim - 1)), x0_hat, x0_hat.detach())
 
 
 @torch.no_grad()
@@ -279,6 +321,7 @@ def generator_step(
         # The paired term's x̂0: the same pass, or its own one when the adversarial noise is fresh.
         x0_pair = x0_hat if pair is None or adv_eps is pair else student_x0(student, batch, t, pair, cfg)
         x0_hat = on_policy(student, batch, t, adv_eps, x0_hat, cfg)  # the adversarial and score terms' x̂0
+        x0_hat = adversarial_rows(x0_hat, t, cfg)
         fake = interpolate(x0_hat, eps1, t_hat)
         with torch.no_grad():
             real_feats = teacher_taps(teacher, interpolate(batch.x0, eps2, t_hat), t_hat, batch.cap_feats, disc.layers)
@@ -291,7 +334,9 @@ def generator_step(
                 loss = loss + cfg.score_weight * score
                 score_total += score.item() / n
             if cfg.distill_weight > 0:
-                distill = (x0_pair - batch.x0).square().mean()
+                target = trajectory_window(batch, t, pair, cfg.student_timesteps)[1] \
+                    if cfg.paired_target == "trajectory" else batch.x0
+                distill = (x0_pair - target).square().mean()
                 loss = loss + cfg.distill_weight * distill
                 distill_total += distill.item() / n
             (loss / n).backward()
