@@ -83,7 +83,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
     except ValueError as e:  # counts below 1, a --buckets spec that is no set of sizes
         print(f"ladd demo: {e}", file=sys.stderr)
         return 2
-    run_demo(cfg)
+    from ladd.data.precompute import PrecomputeError
+
+    try:
+        run_demo(cfg)
+    except PrecomputeError as e:  # e.g. the demo's data folder was made with other arguments
+        print(f"ladd demo: error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -36,7 +36,7 @@ Decay = Literal["none", "linear", "cosine"]
 StudentInputs = Literal["interpolate", "simulate"]
 AdversarialNoise = Literal["paired", "fresh"]
 PairedTarget = Literal["endpoint", "trajectory"]
-AdversarialTimesteps = Literal["all", "last"]
+TrainedTimesteps = Literal["all", "last"]
 MixedPrecision = Literal["auto", "bf16", "no"]
 OnCollapse = Literal["warn", "stop", "rollback"]
 Tracker = Literal["tensorboard", "wandb"]
@@ -147,8 +147,8 @@ class MethodConfig(Section):
     """with λ > 0, the fake's noise: "paired" (the pair's, one pass) or "fresh" (new ε, a second pass)"""
     paired_target: PairedTarget = "endpoint"
     """with λ > 0: "endpoint" x0 from (1 − t)·x0 + t·ε; "trajectory": each step of the teacher's own path (data from precompute --trajectory)"""
-    adversarial_timesteps: AdversarialTimesteps = "all"
-    """the rows the adversarial and score terms train: "all", or "last" (those at the last student timestep; the others detached)"""
+    adversarial_timesteps: TrainedTimesteps = "all"
+    """the rows the adversarial term trains: "all", or "last" (those at the last student timestep; the others detached)"""
     mismatch_weight: float = 0.0
     """w > 0: the disc also learns real latents under another sample's caption as fake, weighted w"""
     score_weight: float = 0.0
@@ -159,6 +159,8 @@ class MethodConfig(Section):
     """logit-normal std of t_s"""
     score_guidance: float = 5.0
     """the teacher's CFG scale for x̂0_T, with the data's negative prompt (Z-Image and the toy teacher: 5)"""
+    score_timesteps: TrainedTimesteps = "all"
+    """the rows the score term trains: "all", or "last" (those at the last student timestep; the others detached)"""
     adversarial_weight: float = 1.0
     """scale of the student's adversarial loss; 0 with distill_weight > 0 is distillation alone (an ablation)"""
     grad_clip_g: float = 1.0

@@ -103,7 +103,7 @@ def gap_and_significance(kid_u: float, kid_t: float, kid: dict) -> tuple[float, 
 
 def run_demo(cfg: DemoConfig) -> dict:
     from ladd.config import HealthConfig, load_config
-    from ladd.data.precompute import PrecomputeConfig, run_precompute
+    from ladd.data.precompute import PrecomputeConfig
     from ladd.eval.commands import EvalConfig, evaluate
     from ladd.toy import world
     from ladd.toy.build import pipeline_world
@@ -126,7 +126,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     with _stage(timings, "precompute"):
         summaries = []
         for split in ("train", "eval"):
-            summaries.append(run_precompute(PrecomputeConfig(
+            summaries.append(precompute_split(out / "data" / split, PrecomputeConfig(
                 pipeline=cfg.pipeline, prompts=str(out / f"{split}.txt"), out=str(out / "data" / split),
                 steps=50, guidance=5.0, batch_size=32, seed=cfg.train_seed if split == "train" else 0,
                 decode_first=cfg.n_eval if split == "eval" else 0, buckets=cfg.buckets,
@@ -207,6 +207,20 @@ def run_demo(cfg: DemoConfig) -> dict:
     print0(headline(report))
     print0(f"wrote {out / 'report.html'} and {out / 'report.json'}")
     return report
+
+
+def precompute_split(folder: Path, cfg):
+    """One split's teacher data; data an earlier demo made with other arguments (another version's
+    configs/toy.toml) are refused in one line that says how to start afresh."""
+    from ladd.data.precompute import PrecomputeError, run_precompute
+
+    try:
+        return run_precompute(cfg)
+    except PrecomputeError as err:
+        if "differs" not in str(err):
+            raise
+        raise PrecomputeError(f"{err} — {folder} holds an earlier demo's data: remove {folder.parent.parent} "
+                              "(or give ladd demo another --out) to make them anew") from None
 
 
 def summarize(rows: list[dict], cfg: DemoConfig, timings: dict, steps: int) -> dict:
@@ -323,6 +337,8 @@ def method_line(m: dict) -> str:
         line += "; the adversarial and score terms judge the student's own earlier steps at t < 1"
     if m.get("student_inputs") == "simulate":
         line += "; student inputs from its own earlier steps"
-    if m.get("adversarial_timesteps") == "last":
-        line += "; the adversarial and score terms train the last step only"
+    last = [name for name, key in (("adversarial", "adversarial_timesteps"), ("score", "score_timesteps"))
+            if m.get(key) == "last" and (name == "adversarial" or m.get("score_weight", 0) > 0)]
+    if last:
+        line += f"; the {' and '.join(last)} term{'s' * (len(last) > 1)} train{'s' * (len(last) == 1)} the last step only"
     return line

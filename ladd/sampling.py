@@ -62,8 +62,9 @@ def euler_sample(
     for i in range(len(sigmas) - 1):
         v = guided_velocity(adapter, x, sigmas[i], cap_feats, neg_cap_feats, guidance)
         for k, r in enumerate(record):
-            if states[k] is None and r >= sigmas[i + 1].item():  # r on this step: σ_i > r ≥ σ_{i+1}
-                states[k] = x + (sigmas[i + 1] - sigmas[i]) * v if r == sigmas[i + 1].item() else x + (r - sigmas[i]) * v
+            if states[k] is None and r >= sigmas[i + 1].item():  # σ_i > r ≥ σ_{i+1}: on this step's line
+                step = sigmas[i + 1] - sigmas[i] if r == sigmas[i + 1].item() else r - sigmas[i]
+                states[k] = x + step * v
         x = x + (sigmas[i + 1] - sigmas[i]) * v
     if not record:
         return x

@@ -53,6 +53,7 @@ def test_a_choice_outside_its_literal_is_one_line_naming_key_and_choices(tmp_pat
 def test_every_literal_field_refuses_a_bad_value_built_in_python():
     """The check is in the sections' shared __post_init__, not the loader: Python defaults are held to it."""
     literal_fields = []
+    needs = {"method.paired_target": {"distill_weight": 1.0}}  # a choice that is valid only with another setting
     for name, cls in SECTIONS.items():
         for key, hint in C._hints(cls).items():
             choices = C.literal_choices(hint)
@@ -60,7 +61,7 @@ def test_every_literal_field_refuses_a_bad_value_built_in_python():
                 continue
             literal_fields.append(f"{name}.{key}")
             good = [choices[-1]] if typing.get_origin(hint) is list else choices[-1]
-            cls(**{key: good})  # every choice is accepted
+            cls(**{key: good}, **needs.get(f"{name}.{key}", {}))  # every choice is accepted
             bad = ["nope"] if typing.get_origin(hint) is list else "nope"
             with pytest.raises(ConfigError, match=rf"^{name}\.{key} 'nope' is unknown; choose "):
                 cls(**{key: bad})

@@ -150,3 +150,21 @@ def test_demo_eval_set_holds_a_kid_subset_per_bucket_and_bad_input_is_one_line(c
         rc, _, err = run_cli(capsys, "demo", "--out", tmp_path / "demo", *bad)
         assert rc == 2 and len(error_lines(err)) == 1, err
     assert not (tmp_path / "demo").exists()
+
+
+def test_demo_data_made_for_another_config_are_refused_in_one_line(capsys, tmp_path):
+    """An earlier demo's train data without the teacher's states configs/toy.toml now trains on: one
+    line that names the flag and says how to start afresh; nothing is overwritten."""
+    from ladd.data.precompute import PrecomputeConfig, run_precompute
+
+    build_tiny_pipeline(seed=1).save_pretrained(tmp_path / "tiny")
+    demo = tmp_path / "demo"
+    demo.mkdir()
+    (demo / "train.txt").write_text("a red circle\na blue square\n")
+    run_precompute(PrecomputeConfig(pipeline=str(tmp_path / "tiny"), prompts=str(demo / "train.txt"),
+                                    out=str(demo / "data" / "train"), steps=50, seed=500_000))
+    before = (demo / "data" / "train" / "manifest.json").read_text()
+    rc, _, err = run_cli(capsys, "demo", "--out", demo, "--pipeline", tmp_path / "tiny", "--n-train", 2, "--n-eval", 2)
+    assert rc == 2 and len(error_lines(err)) == 1, err
+    assert "--trajectory differs" in err and f"remove {demo}" in err
+    assert (demo / "data" / "train" / "manifest.json").read_text() == before

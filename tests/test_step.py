@@ -322,22 +322,28 @@ def test_fresh_adversarial_noise_judges_a_second_pass_on_new_noise(setup):
         MethodConfig(adversarial_noise="both")
 
 
-def test_trajectory_windows_start_on_the_teachers_path_and_aim_at_its_next_state(setup):
+@pytest.mark.parametrize("adversarial_rows, score_rows", [("last", "all"), ("all", "last")])
+def test_trajectory_windows_start_on_the_teachers_path_and_aim_at_its_next_state(setup, adversarial_rows, score_rows):
     """method.paired_target = "trajectory": the student at t_k starts from the teacher's state there
     (ε_T at t = 1), and the paired target is the x0 whose Euler step from it lands on the teacher's
-    state at t_{k+1} (x0 at the last step); with adversarial_timesteps "last" the disc's gradient
-    reaches only the rows at the last timestep. The student's gradient, by hand; D-only steps alike."""
+    state at t_{k+1} (x0 at the last step). method.adversarial_timesteps / score_timesteps "last": that
+    term's gradient reaches only the rows at the last timestep. The student's gradient, by hand (the
+    score target as in the test below); D-only steps start from the same states."""
     models, batch, opt_g, opt_d = setup
     ts = (1.0, 0.9, 0.75, 0.5)
     g = torch.Generator().manual_seed(9)
     pair_eps = torch.randn(batch.x0.shape, generator=g)
     states = torch.randn(2, 3, *batch.x0.shape[1:], generator=g)
-    data = Batch(batch.x0, batch.cap_feats, batch.text_cond, pair_eps, states=states)
-    cfg = MethodConfig(distill_weight=2.0, paired_target="trajectory", adversarial_timesteps="last",
-                       student_timesteps=ts, student_timestep_probs=(0, 0.5, 0, 0.5), grad_clip_g=0)
+    neg = torch.randn(3, batch.cap_feats[0].shape[1], generator=g)
+    data = Batch(batch.x0, batch.cap_feats, batch.text_cond, pair_eps, neg, states)
+    cfg = MethodConfig(distill_weight=2.0, score_weight=3.0, paired_target="trajectory",
+                       adversarial_timesteps=adversarial_rows, score_timesteps=score_rows, student_timesteps=ts,
+                       student_timestep_probs=(0, 0.5, 0, 0.5), grad_clip_g=0)
     seed = next(s for s in range(100) if sorted(round(v, 4) for v in draw_noise(
         data, 0, cfg, torch.Generator().manual_seed(s))[0].tolist()) == [0.5, 0.9])  # a row at 0.9, one at the last
-    t, _, t_hat, eps1, _, _ = draw_noise(data, 0, cfg, torch.Generator().manual_seed(seed))
+    rng = torch.Generator().manual_seed(seed)
+    t, _, t_hat, eps1, _, _ = draw_noise(data, 0, cfg, rng)
+    t_s, eps_s = logit_normal(2, 0.0, 1.0, generator=rng), torch.randn(batch.x0.shape, generator=rng)
     path = [pair_eps, states[:, 0], states[:, 1], states[:, 2], batch.x0]  # the teacher's path at ts, then x0
     x_t, target = torch.empty_like(batch.x0), torch.empty_like(batch.x0)
     for i in range(2):
@@ -348,13 +354,22 @@ def test_trajectory_windows_start_on_the_teachers_path_and_aim_at_its_next_state
         if k < 3:
             step = x_t[i] + (ts[k + 1] - ts[k]) * (x_t[i] - target[i]) / ts[k]
             torch.testing.assert_close(step, path[k + 1][i])
-    ref = copy.deepcopy(models.student)
+    ref, te = copy.deepcopy(models.student), models.teacher
     x0_hat = x_t - t.view(-1, 1, 1, 1) * ref(x_t, t, batch.cap_feats).velocity
     last = (t == 0.5).view(-1, 1, 1, 1)
-    fake = interpolate(torch.where(last, x0_hat, x0_hat.detach()), eps1, t_hat)
-    feats = models.teacher(fake, t_hat, batch.cap_feats, taps=models.disc.layers, velocity=False).feats
+
+    def rows(which):
+        return torch.where(last, x0_hat, x0_hat.detach()) if which == "last" else x0_hat
+
+    fake = interpolate(rows(adversarial_rows), eps1, t_hat)
+    feats = te(fake, t_hat, batch.cap_feats, taps=models.disc.layers, velocity=False).feats
+    x_s = interpolate(x0_hat.detach(), eps_s, t_s)
+    with torch.no_grad():
+        v_c, v_u = te(x_s, t_s, batch.cap_feats).velocity, te(x_s, t_s, [neg, neg]).velocity
+    score_target = x_s - t_s.view(-1, 1, 1, 1) * (v_c + 5.0 * (v_c - v_u))
     mse = (x0_hat - target).square().mean()
-    (-models.disc(feats, t_hat, batch.text_cond).mean() + 2.0 * mse).backward()
+    score = (rows(score_rows) - score_target).square().mean()
+    (-models.disc(feats, t_hat, batch.text_cond).mean() + 3.0 * score + 2.0 * mse).backward()
     want = [p.grad for p in trainable(ref)]
     spy = Spy(models.student)
     with recorded_grads(opt_g, models.student) as got:
@@ -362,12 +377,13 @@ def test_trajectory_windows_start_on_the_teachers_path_and_aim_at_its_next_state
     (call,) = spy.calls
     torch.testing.assert_close(call["x"], x_t)
     assert metrics["distill_loss"] == pytest.approx(mse.item(), rel=1e-5)
+    assert metrics["score_loss"] == pytest.approx(score.item(), rel=1e-5)
     assert_grads_equal(got, want)
     spy.calls.clear()
     disc_inputs_no_grad(models, data, 1, cfg, torch.Generator().manual_seed(seed))
     torch.testing.assert_close(spy.calls[0]["x"], x_t)
     with pytest.raises(ValueError, match=r"needs the teacher's states at \[0.9, 0.75, 0.5\]"):
-        generator_step(models, opt_g, [Batch(batch.x0, batch.cap_feats, batch.text_cond, pair_eps)], 0, cfg,
+        generator_step(models, opt_g, [Batch(batch.x0, batch.cap_feats, batch.text_cond, pair_eps, neg)], 0, cfg,
                        torch.Generator().manual_seed(seed))
     with pytest.raises(ConfigError, match="cannot run with distill_weight = 0: it is a paired term"):
         MethodConfig(paired_target="trajectory")

@@ -25,7 +25,7 @@
     on the teacher's state at t_{k+1} (x0 itself at the last step): each of the 4 steps learns its own
     stretch of the teacher's path, where the endpoint target asks every step for the straight line to
     x0 that the teacher's path is not. The adversarial and score terms judge the same pass.
-    method.adversarial_timesteps "last": they train only the rows at the last timestep.
+    method.adversarial_timesteps / score_timesteps "last": that term trains only the rows at the last timestep.
 
     ON-POLICY INPUTS (method.adversarial_inputs "simulate", with the paired term): the samples at t < 1
     are run once more from where the student's own earlier Euler steps from their noise reach, as
@@ -225,10 +225,10 @@ def trajectory_window(batch: Batch, t: Tensor, eps: Tensor, timesteps: Sequence[
     return x_t, target
 
 
-def adversarial_rows(x0_hat: Tensor, t: Tensor, cfg: MethodConfig) -> Tensor:
-    """x̂0 for the adversarial and score terms: with method.adversarial_timesteps "last", the rows at
-    other timesteps are detached (their values stay; the terms train the last step only)."""
-    if cfg.adversarial_timesteps == "all":
+def trained_rows(x0_hat: Tensor, t: Tensor, which: str, cfg: MethodConfig) -> Tensor:
+    """x̂0 as a term sees it: with `which` "last" (method.adversarial_timesteps, score_timesteps) the rows
+    at other timesteps are detached (their values stay; the term trains the last step only)."""
+    if which == "all":
         return x0_hat
     last = torch.isclose(t, torch.tensor(cfg.student_timesteps[-1], dtype=t.dtype, device=t.device))
     return torch.where(last.view(-1, *[1] * (x0_hat.ndim - 1)), x0_hat, x0_hat.detach())
@@ -321,8 +321,7 @@ def generator_step(
         # The paired term's x̂0: the same pass, or its own one when the adversarial noise is fresh.
         x0_pair = x0_hat if pair is None or adv_eps is pair else student_x0(student, batch, t, pair, cfg)
         x0_hat = on_policy(student, batch, t, adv_eps, x0_hat, cfg)  # the adversarial and score terms' x̂0
-        x0_hat = adversarial_rows(x0_hat, t, cfg)
-        fake = interpolate(x0_hat, eps1, t_hat)
+        fake = interpolate(trained_rows(x0_hat, t, cfg.adversarial_timesteps, cfg), eps1, t_hat)
         with torch.no_grad():
             real_feats = teacher_taps(teacher, interpolate(batch.x0, eps2, t_hat), t_hat, batch.cap_feats, disc.layers)
         fake_feats = teacher_taps(teacher, fake, t_hat, batch.cap_feats, disc.layers)  # live graph
@@ -330,7 +329,8 @@ def generator_step(
             fake_logits = disc(fake_feats, t_hat, batch.text_cond)
             loss = cfg.adversarial_weight * losses.g_loss(fake_logits, cfg.loss, cfg.aggregate)  # × 1.0 is exact
             if cfg.score_weight > 0:
-                score = (x0_hat - score_target(teacher, x0_hat, batch, cfg, rng)).square().mean()
+                x0_score = trained_rows(x0_hat, t, cfg.score_timesteps, cfg)
+                score = (x0_score - score_target(teacher, x0_score, batch, cfg, rng)).square().mean()
                 loss = loss + cfg.score_weight * score
                 score_total += score.item() / n
             if cfg.distill_weight > 0:
