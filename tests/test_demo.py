@@ -40,7 +40,7 @@ def test_demo_runs_caches_and_reports(tmp_path):
     assert saved["kid"]["ladd"]["mean"] == report["kid"]["ladd"]["mean"]
     html = (tmp_path / "demo" / "report.html").read_text()
     assert html.count("data:image/png;base64,") == 2 and "gap closed" in html  # self-contained
-    assert saved["train_config"]["train"]["seed"] == 0 and "+ 5 × paired distillation" in saved["method"]
+    assert saved["train_config"]["train"]["seed"] == 0 and "+ 10 × paired distillation" in saved["method"]
     # configs/toy.toml's paired term runs along the teacher's path: the train data hold its states there.
     assert "along the teacher's path" in saved["method"] and "last step only" in saved["method"]
     manifests = {split: json.loads((tmp_path / "demo" / "data" / split / "manifest.json").read_text())
@@ -128,7 +128,7 @@ def test_demo_ablation_trains_each_variant_on_the_same_seeds(tmp_path):
         terms = (method["distill_weight"], method["score_weight"], method["adversarial_weight"],
                  method["gen_update_interval"], optim["lr_g"])
         # pure LADD: its own recipe; distillation alone: the default's paired and score terms, no adversarial one
-        assert terms == ((0.0, 0.0, 1.0, 3, 3e-5) if slug == "pure-ladd" else (5.0, 3.0, 0.0, 1, 6e-5))
+        assert terms == ((0.0, 0.0, 1.0, 3, 3e-5) if slug == "pure-ladd" else (10.0, 3.0, 0.0, 1, 6e-5))
         assert set(v["health"]) == {"seed-0", "seed-1"} and "drift" in v["health"]["seed-0"]  # replayed per seed
     assert "Ablation (same data, seeds and steps)" in (tmp_path / "demo" / "report.html").read_text()
 
