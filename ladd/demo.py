@@ -212,13 +212,11 @@ def run_demo(cfg: DemoConfig) -> dict:
 def precompute_split(folder: Path, cfg):
     """One split's teacher data; data an earlier demo made with other arguments (another version's
     configs/toy.toml) are refused in one line that says how to start afresh."""
-    from ladd.data.precompute import PrecomputeError, run_precompute
+    from ladd.data.precompute import OtherJob, PrecomputeError, run_precompute
 
     try:
         return run_precompute(cfg)
-    except PrecomputeError as err:
-        if "differs" not in str(err):
-            raise
+    except OtherJob as err:
         raise PrecomputeError(f"{err} — {folder} holds an earlier demo's data: remove {folder.parent.parent} "
                               "(or give ladd demo another --out) to make them anew") from None
 
@@ -340,5 +338,5 @@ def method_line(m: dict) -> str:
     last = [name for name, key in (("adversarial", "adversarial_timesteps"), ("score", "score_timesteps"))
             if m.get(key) == "last" and (name == "adversarial" or m.get("score_weight", 0) > 0)]
     if last:
-        line += f"; the {' and '.join(last)} term{'s' * (len(last) > 1)} train{'s' * (len(last) == 1)} the last step only"
+        line += f"; the {' and '.join(last)} {'terms train' if len(last) > 1 else 'term trains'} the last step only"
     return line

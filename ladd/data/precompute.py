@@ -50,6 +50,10 @@ class PrecomputeError(ValueError):
     """A job that cannot run as asked; the message is one line."""
 
 
+class OtherJob(PrecomputeError):
+    """--out holds a job made with other arguments (the message names the first that differs)."""
+
+
 @dataclass(kw_only=True, frozen=True)
 class PrecomputeConfig:
     pipeline: str  # a diffusers ZImagePipeline folder, or "toy" (the embedded toy teacher)
@@ -256,7 +260,7 @@ def prepare_out(out: Path, job: dict, prompts: list[str], sizes: list[tuple[int,
             detail = f"the {what} are not those of the existing job"
         else:
             detail = f"the existing job has {flag} {was!r}, this run asks for {now[flag]!r}"
-        raise PrecomputeError(f"--out {out}: {flag} differs ({detail}); use another --out or the same arguments")
+        raise OtherJob(f"--out {out}: {flag} differs ({detail}); use another --out or the same arguments")
     images = [out / fmt.IMAGES / fmt.image_name(i) for i in range(old["decode_first"])]
     return old["complete"] and all((out / e["file"]).is_file() for e in old["shards"]) and all(
         p.is_file() for p in images)
