@@ -132,7 +132,7 @@ class MethodConfig(Section):
     curriculum_warmup_steps: int = 0
     """optimizer steps drawing only the two easiest timesteps"""
     student_inputs: StudentInputs = "interpolate"
-    """input at t: "interpolate" (1 − t)·x0 + t·ε; "simulate": the student's own earlier steps from ε (no grad)"""
+    """input at t: "interpolate" (1 − t)·x0 + t·ε (the teacher's state with paired_target "trajectory"); "simulate": the student's own earlier steps from ε (no grad)"""
     adversarial_inputs: StudentInputs = "interpolate"
     """input of the adversarial and score terms at t < 1; "simulate": the student's own earlier steps (paired term: interpolated)"""
     loss: Loss = "hinge"
@@ -189,12 +189,13 @@ class MethodConfig(Section):
             raise ConfigError(f"method: {e}") from None
         if self.paired_target == "trajectory":
             wrong = ["distill_weight = 0"] if self.distill_weight == 0 else []
-            wrong += [f"{k} = {getattr(self, k)!r}" for k in ("student_inputs", "adversarial_inputs", "adversarial_noise")
+            wrong += [f"{k} = {getattr(self, k)!r}" for k in ("adversarial_inputs", "adversarial_noise")
                       if getattr(self, k) != MethodConfig.__dataclass_fields__[k].default]
             if wrong:
                 raise ConfigError(f"method.paired_target = 'trajectory' cannot run with {', '.join(wrong)}: it is a "
-                                  "paired term (distill_weight > 0) whose student inputs are the teacher's own states "
-                                  "(the default inputs and noise); change those, or set paired_target = 'endpoint'")
+                                  "paired term (distill_weight > 0) whose one student pass starts from the teacher's "
+                                  "states or, with student_inputs 'simulate', the student's own (the default "
+                                  "adversarial inputs and noise); change those, or set paired_target = 'endpoint'")
 
     def curriculum(self) -> Curriculum:
         return Curriculum(

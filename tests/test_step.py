@@ -368,10 +368,11 @@ def test_trajectory_windows_start_on_the_teachers_path_and_aim_at_its_next_state
         v_c, v_u = te(x_s, t_s, batch.cap_feats).velocity, te(x_s, t_s, [neg, neg]).velocity
     score_target = x_s - t_s.view(-1, 1, 1, 1) * (v_c + 5.0 * (v_c - v_u))
     mse = (x0_hat - target).square().mean()
-    score = (rows(score_rows) - score_target).square().mean()
+    counted = last if score_rows == "last" else torch.ones_like(last)  # the rows the score term trains
+    score = ((rows(score_rows) - score_target).square() * counted).mean()
     (-models.disc(feats, t_hat, batch.text_cond).mean() + 3.0 * score + 2.0 * mse).backward()
     want = [p.grad for p in trainable(ref)]
-    spy = Spy(models.student)
+    spy, teacher_spy = Spy(models.student), Spy(te)
     with recorded_grads(opt_g, models.student) as got:
         metrics, _ = generator_step(models, opt_g, [data], 0, cfg, torch.Generator().manual_seed(seed))
     (call,) = spy.calls
@@ -379,6 +380,13 @@ def test_trajectory_windows_start_on_the_teachers_path_and_aim_at_its_next_state
     assert metrics["distill_loss"] == pytest.approx(mse.item(), rel=1e-5)
     assert metrics["score_loss"] == pytest.approx(score.item(), rel=1e-5)
     assert_grads_equal(got, want)
+    # A term on the last step only runs the teacher's graph (adversarial) or guided pass (score) on that
+    # step's rows: the graph call holds 1 row, the guided call 2 (cond and uncond), the real and the
+    # other fakes share one call without a graph.
+    graph, guided = [c for c in teacher_spy.calls if c["grad"]], [c for c in teacher_spy.calls if not c["taps"]]
+    assert [len(c["x"]) for c in graph] == [1 if adversarial_rows == "last" else 2]
+    assert [len(c["x"]) for c in guided] == [2 if score_rows == "last" else 4]
+    teacher_spy.handle.remove()
     spy.calls.clear()
     disc_inputs_no_grad(models, data, 1, cfg, torch.Generator().manual_seed(seed))
     torch.testing.assert_close(spy.calls[0]["x"], x_t)
@@ -389,6 +397,79 @@ def test_trajectory_windows_start_on_the_teachers_path_and_aim_at_its_next_state
         MethodConfig(paired_target="trajectory")
     with pytest.raises(ConfigError, match="cannot run with adversarial_noise = 'fresh'"):
         MethodConfig(paired_target="trajectory", distill_weight=1.0, adversarial_noise="fresh")
+
+
+def test_trajectory_windows_from_the_students_own_states_aim_back_at_the_teachers_path(setup):
+    """method.student_inputs "simulate" with paired_target "trajectory": the student at t_k starts where
+    its own Euler steps from the pair's noise reach (no grad), and the paired target is the x0 whose
+    Euler step from there lands on the teacher's state at t_{k+1} (x0 at the last step). By hand."""
+    models, batch, opt_g, opt_d = setup
+    ts = (1.0, 0.9, 0.75, 0.5)
+    g = torch.Generator().manual_seed(9)
+    pair_eps = torch.randn(batch.x0.shape, generator=g)
+    states = torch.randn(2, 3, *batch.x0.shape[1:], generator=g)
+    data = Batch(batch.x0, batch.cap_feats, batch.text_cond, pair_eps, None, states)
+    cfg = MethodConfig(distill_weight=2.0, adversarial_weight=0.0, paired_target="trajectory",
+                       student_inputs="simulate", student_timesteps=ts, student_timestep_probs=(0, 0.5, 0.5, 0),
+                       grad_clip_g=0)
+    seed = next(s for s in range(100) if sorted(round(v, 4) for v in draw_noise(
+        data, 0, cfg, torch.Generator().manual_seed(s))[0].tolist()) == [0.75, 0.9])
+    t = draw_noise(data, 0, cfg, torch.Generator().manual_seed(seed))[0]
+    ref = copy.deepcopy(models.student)
+    chain, x = [pair_eps], pair_eps
+    with torch.no_grad():
+        for now, nxt in zip(ts[:-1], ts[1:]):
+            x = x + (nxt - now) * ref(x, torch.full((2,), now), batch.cap_feats).velocity
+            chain.append(x)
+    path = [pair_eps, states[:, 0], states[:, 1], states[:, 2], batch.x0]
+    x_t, target = torch.empty_like(batch.x0), torch.empty_like(batch.x0)
+    for i in range(2):
+        k = [round(v, 4) for v in ts].index(round(t[i].item(), 4))
+        x_t[i] = chain[k][i]
+        target[i] = x_t[i] - ts[k] * (x_t[i] - path[k + 1][i]) / (ts[k] - ts[k + 1])
+        step = x_t[i] + (ts[k + 1] - ts[k]) * (x_t[i] - target[i]) / ts[k]  # Euler with v = (x_t − x̂0)/t
+        torch.testing.assert_close(step, path[k + 1][i])
+    assert not torch.allclose(x_t, torch.stack([path[1 if v > 0.8 else 2][i] for i, v in enumerate(t.tolist())]))
+    x0_hat = x_t - t.view(-1, 1, 1, 1) * ref(x_t, t, batch.cap_feats).velocity
+    mse = (x0_hat - target).square().mean()
+    (2.0 * mse).backward()
+    want = [p.grad for p in trainable(ref)]
+    with recorded_grads(opt_g, models.student) as got:
+        metrics, _ = generator_step(models, opt_g, [data], 0, cfg, torch.Generator().manual_seed(seed))
+    assert metrics["distill_loss"] == pytest.approx(mse.item(), rel=1e-5)
+    assert_grads_equal(got, want)
+
+
+def test_terms_on_the_last_step_with_no_row_there_still_call_the_teacher_and_train_nothing(setup):
+    """adversarial_timesteps / score_timesteps "last" on a micro-batch with no row at the last timestep:
+    the teacher's graph call and its guided call still run (on row 0: every rank makes the same calls,
+    as FSDP's collectives need), the two terms add no gradient and the score term counts zero."""
+    models, batch, opt_g, opt_d = setup
+    ts = (1.0, 0.9, 0.75, 0.5)
+    g = torch.Generator().manual_seed(9)
+    pair_eps = torch.randn(batch.x0.shape, generator=g)
+    states = torch.randn(2, 3, *batch.x0.shape[1:], generator=g)
+    neg = torch.randn(3, batch.cap_feats[0].shape[1], generator=g)
+    data = Batch(batch.x0, batch.cap_feats, batch.text_cond, pair_eps, neg, states)
+    grads = {}
+    for name, extra in (("last", dict(score_weight=3.0, adversarial_timesteps="last", score_timesteps="last")),
+                        ("paired only", dict(adversarial_weight=0.0))):
+        cfg = MethodConfig(distill_weight=2.0, paired_target="trajectory", student_timesteps=ts,
+                           student_timestep_probs=(0, 0.5, 0.5, 0), grad_clip_g=0, **extra)
+        student = copy.deepcopy(models.student)
+        opt = torch.optim.SGD(trainable(student), lr=0.0)
+        spy = Spy(models.teacher)
+        with recorded_grads(opt, student) as got:
+            metrics, inputs = generator_step(LaddModels(student, models.teacher, models.disc), opt, [data], 0, cfg,
+                                             torch.Generator().manual_seed(3))
+        spy.handle.remove()
+        grads[name] = got
+        if name == "last":
+            assert metrics["score_loss"] == 0.0
+            assert [len(c["x"]) for c in spy.calls if c["grad"]] == [1]  # the graph call, on row 0
+            assert [len(c["x"]) for c in spy.calls if not c["taps"]] == [2]  # the guided call, row 0's cond + uncond
+            assert all(len(f) == 2 for f in inputs[0].fake.values())  # the disc still judges every row
+    assert_grads_equal(grads["last"], grads["paired only"])
 
 
 def test_score_distillation_pulls_x0_hat_towards_the_guided_teachers_denoising(setup):

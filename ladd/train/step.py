@@ -191,9 +191,9 @@ def on_policy(
     return out
 
 
-def student_x0(student: ZImageAdapter, batch: Batch, t: Tensor, eps: Tensor, cfg: MethodConfig) -> Tensor:
+def student_x0(student: ZImageAdapter, batch: Batch, t: Tensor, eps: Tensor, cfg: MethodConfig) -> tuple[Tensor, Tensor]:
     """Steps 1-2: x_t = (1 − t)·x0 + t·ε (or the simulated x_t, or the teacher's state at t), v =
-    student(x_t, t), x̂0 = x_t − t·v."""
+    student(x_t, t), x̂0 = x_t − t·v. Returns (x_t, x̂0)."""
     if cfg.student_inputs == "simulate":
         x_t = simulated_input(student, batch.cap_feats, t, eps, cfg.student_timesteps)
     elif cfg.paired_target == "trajectory":
@@ -201,14 +201,17 @@ def student_x0(student: ZImageAdapter, batch: Batch, t: Tensor, eps: Tensor, cfg
     else:
         x_t = interpolate(batch.x0, eps, t)
     v = student(x_t, t, batch.cap_feats).velocity
-    return x0_from_velocity(x_t, v, t)
+    return x_t, x0_from_velocity(x_t, v, t)
 
 
-def trajectory_window(batch: Batch, t: Tensor, eps: Tensor, timesteps: Sequence[float]) -> tuple[Tensor, Tensor]:
+def trajectory_window(batch: Batch, t: Tensor, eps: Tensor, timesteps: Sequence[float],
+                      start: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """(x_t, target) of the teacher's path for each row (method.paired_target "trajectory"): x_t is the
     teacher's state at the row's t_k (ε, the pair's noise, at the first timestep), and the target is
     the x0 whose Euler step from x_t lands on the teacher's state at t_{k+1}:
-    x_t − t_k·(x_t − x_{k+1}) / (t_k − t_{k+1}); at the last timestep (t_{k+1} = 0) that is x0 itself."""
+    x_t − t_k·(x_t − x_{k+1}) / (t_k − t_{k+1}); at the last timestep (t_{k+1} = 0) that is x0 itself.
+    With `start` (the student's own state at t_k, method.student_inputs "simulate"), the target is the
+    x0 whose Euler step from `start` lands on the teacher's next state: the way back to its path."""
     if batch.states is None or batch.states.shape[1] != len(timesteps) - 1:
         raise ValueError(f"method.paired_target 'trajectory' needs the teacher's states at {list(timesteps[1:])} "
                          "(Batch.states, one per timestep after the first)")
@@ -220,6 +223,8 @@ def trajectory_window(batch: Batch, t: Tensor, eps: Tensor, timesteps: Sequence[
     for k, (now, rows) in enumerate(zip(timesteps, at)):
         here, nxt = path[k][rows].to(x_t.dtype), path[k + 1][rows].to(x_t.dtype)
         x_t[rows] = here
+        if start is not None:
+            here = start[rows].to(x_t.dtype)
         last = k == len(timesteps) - 1
         target[rows] = nxt if last else here - now * (here - nxt) / (now - timesteps[k + 1])
     return x_t, target
@@ -230,8 +235,25 @@ def trained_rows(x0_hat: Tensor, t: Tensor, which: str, cfg: MethodConfig) -> Te
     at other timesteps are detached (their values stay; the term trains the last step only)."""
     if which == "all":
         return x0_hat
-    last = torch.isclose(t, torch.tensor(cfg.student_timesteps[-1], dtype=t.dtype, device=t.device))
-    return torch.where(last.view(-1, *[1] * (x0_hat.ndim - 1)), x0_hat, x0_hat.detach())
+    return torch.where(at_last(t, cfg).view(-1, *[1] * (x0_hat.ndim - 1)), x0_hat, x0_hat.detach())
+
+
+def at_last(t: Tensor, cfg: MethodConfig) -> Tensor:
+    """(B,) bool: the rows at the student's last timestep."""
+    return torch.isclose(t, torch.tensor(cfg.student_timesteps[-1], dtype=t.dtype, device=t.device))
+
+
+def term_rows(t: Tensor, which: str, cfg: MethodConfig) -> tuple[Tensor, Tensor]:
+    """(rows, others): the indices of the rows whose teacher pass a term back-propagates through (all of
+    them with `which` "all", those at the last timestep with "last") and of the rest, which need no
+    graph. With no row at the last timestep, row 0 all the same (`trained_rows` gives it no gradient):
+    every rank makes the same calls, as FSDP's collectives need."""
+    if which == "all":
+        return torch.arange(len(t), device=t.device), t.new_zeros(0, dtype=torch.long)
+    last = at_last(t, cfg)
+    if not bool(last.any()):
+        last = torch.arange(len(t), device=t.device) == 0
+    return last.nonzero().flatten(), (~last).nonzero().flatten()
 
 
 @torch.no_grad()
@@ -252,17 +274,22 @@ def simulated_input(student: ZImageAdapter, cap_feats, t: Tensor, eps: Tensor, t
     return out
 
 
-def score_target(teacher: ZImageAdapter, x0_hat: Tensor, batch: Batch, cfg: MethodConfig, rng) -> Tensor:
+def score_target(teacher: ZImageAdapter, x0_hat: Tensor, batch: Batch, cfg: MethodConfig, rng,
+                 rows: Tensor | None = None) -> Tensor:
     """ADD's distillation target: x̂0 (detached) re-noised to t_s ~ logit-normal(score_renoise_m, _s) with
-    fresh ε_s, and denoised by the teacher with CFG: x̂0_T = x_s − t_s·v_guided(x_s, t_s). No graph."""
+    fresh ε_s, and denoised by the teacher with CFG: x̂0_T = x_s − t_s·v_guided(x_s, t_s). No graph.
+    With `rows`, for those rows only (the draws are made for every row all the same)."""
     if batch.neg_cap is None:
         raise ValueError("method.score_weight > 0 needs the negative prompt's caption features (Batch.neg_cap)")
     B, device = len(batch), x0_hat.device
     t_s = logit_normal(B, cfg.score_renoise_m, cfg.score_renoise_s, generator=rng, device=device)
     eps_s = torch.randn(x0_hat.shape, generator=rng, device=device)
+    caps = batch.cap_feats
+    if rows is not None:
+        x0_hat, t_s, eps_s, caps = x0_hat[rows], t_s[rows], eps_s[rows], [caps[i] for i in rows.tolist()]
     with torch.no_grad():
         x_s = interpolate(x0_hat.detach().float(), eps_s, t_s)
-        v = guided_velocity(teacher, x_s, t_s, batch.cap_feats, [batch.neg_cap] * B, cfg.score_guidance)
+        v = guided_velocity(teacher, x_s, t_s, caps, [batch.neg_cap] * len(caps), cfg.score_guidance)
         return x0_from_velocity(x_s, v.float(), t_s)
 
 
@@ -271,12 +298,31 @@ def teacher_taps(teacher: ZImageAdapter, x: Tensor, t_hat: Tensor, cap_feats, ta
     return teacher(x, t_hat, cap_feats, taps=taps, velocity=False).feats
 
 
+def fake_teacher_taps(
+    teacher: ZImageAdapter, batch: Batch, real: Tensor, fake: Tensor, t_hat: Tensor, rows: tuple[Tensor, Tensor], taps
+) -> tuple[dict[int, Tensor], dict[int, Tensor]]:
+    """The G-step's teacher taps: (real, fake). The fake rows in `rows[0]` keep a live graph (the term's
+    gradient goes through them); the real ones and the other fakes share one pass without a graph."""
+    live, quiet = rows
+    caps = batch.cap_feats
+    B = len(batch)
+    with torch.no_grad():
+        calm = teacher_taps(teacher, torch.cat([real, fake[quiet]]), torch.cat([t_hat, t_hat[quiet]]),
+                            caps + [caps[i] for i in quiet.tolist()], taps)
+    hot = teacher_taps(teacher, fake[live], t_hat[live], [caps[i] for i in live.tolist()], taps)  # live graph
+    real_feats = {k: f[:B] for k, f in calm.items()}
+    if not len(quiet):
+        return real_feats, hot
+    order = torch.cat([live, quiet]).argsort()
+    return real_feats, {k: torch.cat([hot[k], calm[k][B:]])[order] for k in hot}
+
+
 def disc_inputs_no_grad(models: LaddModels, batch: Batch, step: int, cfg: MethodConfig, rng) -> DiscInputs:
     """Steps 1-4 for a D-only step: no graph anywhere; real and fake share one teacher batch."""
     t, eps, t_hat, eps1, eps2, pair = draw_noise(batch, step, cfg, rng)
     with torch.no_grad():
         adv_eps = adversarial_eps(eps, pair, cfg)
-        x0_hat = on_policy(models.student, batch, t, adv_eps, student_x0(models.student, batch, t, adv_eps, cfg), cfg)
+        x0_hat = on_policy(models.student, batch, t, adv_eps, student_x0(models.student, batch, t, adv_eps, cfg)[1], cfg)
         fake = interpolate(x0_hat, eps1, t_hat)
         real = interpolate(batch.x0, eps2, t_hat)
         both = teacher_taps(
@@ -317,24 +363,29 @@ def generator_step(
         set_gradient_sync(student, i == n - 1)  # reduce gradients once, after the last micro-batch
         t, eps, t_hat, eps1, eps2, pair = draw_noise(batch, step, cfg, rng)
         adv_eps = adversarial_eps(eps, pair, cfg)
-        x0_hat = student_x0(student, batch, t, adv_eps, cfg)
+        x_t, x0_hat = student_x0(student, batch, t, adv_eps, cfg)
         # The paired term's x̂0: the same pass, or its own one when the adversarial noise is fresh.
-        x0_pair = x0_hat if pair is None or adv_eps is pair else student_x0(student, batch, t, pair, cfg)
+        x0_pair = x0_hat if pair is None or adv_eps is pair else student_x0(student, batch, t, pair, cfg)[1]
         x0_hat = on_policy(student, batch, t, adv_eps, x0_hat, cfg)  # the adversarial and score terms' x̂0
         fake = interpolate(trained_rows(x0_hat, t, cfg.adversarial_timesteps, cfg), eps1, t_hat)
-        with torch.no_grad():
-            real_feats = teacher_taps(teacher, interpolate(batch.x0, eps2, t_hat), t_hat, batch.cap_feats, disc.layers)
-        fake_feats = teacher_taps(teacher, fake, t_hat, batch.cap_feats, disc.layers)  # live graph
+        real_feats, fake_feats = fake_teacher_taps(teacher, batch, interpolate(batch.x0, eps2, t_hat), fake, t_hat,
+                                                   term_rows(t, cfg.adversarial_timesteps, cfg), disc.layers)
         with frozen(disc):
             fake_logits = disc(fake_feats, t_hat, batch.text_cond)
             loss = cfg.adversarial_weight * losses.g_loss(fake_logits, cfg.loss, cfg.aggregate)  # × 1.0 is exact
             if cfg.score_weight > 0:
+                # The teacher's guided pass on the rows the term trains only; the loss keeps the
+                # normalisation over the whole batch, so the gradient is the same as over every row.
+                rows, _ = term_rows(t, cfg.score_timesteps, cfg)
                 x0_score = trained_rows(x0_hat, t, cfg.score_timesteps, cfg)
-                score = (x0_score - score_target(teacher, x0_score, batch, cfg, rng)).square().mean()
+                sq = (x0_score[rows] - score_target(teacher, x0_score, batch, cfg, rng, rows)).square()
+                if cfg.score_timesteps == "last":  # the other rows count zero (row 0 runs on every rank)
+                    sq = sq * at_last(t, cfg)[rows].view(-1, *[1] * (sq.ndim - 1))
+                score = sq.sum() / x0_hat.numel()
                 loss = loss + cfg.score_weight * score
                 score_total += score.item() / n
             if cfg.distill_weight > 0:
-                target = trajectory_window(batch, t, pair, cfg.student_timesteps)[1] \
+                target = trajectory_window(batch, t, pair, cfg.student_timesteps, start=x_t)[1] \
                     if cfg.paired_target == "trajectory" else batch.x0
                 distill = (x0_pair - target).square().mean()
                 loss = loss + cfg.distill_weight * distill
