@@ -147,6 +147,8 @@ class MethodConfig(Section):
     """with λ > 0, the fake's noise: "paired" (the pair's, one pass) or "fresh" (new ε, a second pass)"""
     paired_target: PairedTarget = "endpoint"
     """with λ > 0: "endpoint" x0 from (1 − t)·x0 + t·ε; "trajectory": each step of the teacher's own path (data from precompute --trajectory)"""
+    last_step_rollout: int = 0
+    """K > 0, with paired_target "trajectory": the last step starts from the student's own state (its earlier steps from the pair's noise, no grad) and aims at the guided teacher's K Euler steps from there (σ uniform to 0, score_guidance); 0: the teacher's state, aiming at x0"""
     adversarial_timesteps: TrainedTimesteps = "all"
     """the rows the adversarial term trains: "all", or "last" (those at the last student timestep; the others detached)"""
     mismatch_weight: float = 0.0
@@ -187,6 +189,11 @@ class MethodConfig(Section):
             self.curriculum()
         except ValueError as e:
             raise ConfigError(f"method: {e}") from None
+        self.at_least(0, "last_step_rollout")
+        if self.last_step_rollout and (self.paired_target != "trajectory" or self.student_inputs != "interpolate"):
+            raise ConfigError("method.last_step_rollout > 0 needs paired_target = 'trajectory' with student_inputs = "
+                              "'interpolate' (the earlier steps start from the teacher's states); set those, or "
+                              "last_step_rollout = 0")
         if self.paired_target == "trajectory":
             wrong = ["distill_weight = 0"] if self.distill_weight == 0 else []
             wrong += [f"{k} = {getattr(self, k)!r}" for k in ("adversarial_inputs", "adversarial_noise")

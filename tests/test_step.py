@@ -440,6 +440,50 @@ def test_trajectory_windows_from_the_students_own_states_aim_back_at_the_teacher
     assert_grads_equal(got, want)
 
 
+def test_last_step_rollout_starts_from_the_students_own_state_and_aims_where_the_teacher_takes_it(setup):
+    """method.last_step_rollout K: the rows at the last timestep start from the student's own state there
+    (its Euler steps from the pair's noise, no grad) and aim at the guided teacher's K Euler steps from
+    that state to 0 (σ uniform); the other rows keep their windows. The student's gradient, by hand."""
+    models, batch, opt_g, opt_d = setup
+    ts = (1.0, 0.9, 0.75, 0.5)
+    g = torch.Generator().manual_seed(9)
+    pair_eps = torch.randn(batch.x0.shape, generator=g)
+    states = torch.randn(2, 3, *batch.x0.shape[1:], generator=g)
+    neg = torch.randn(3, batch.cap_feats[0].shape[1], generator=g)
+    data = Batch(batch.x0, batch.cap_feats, batch.text_cond, pair_eps, neg, states)
+    cfg = MethodConfig(distill_weight=2.0, adversarial_weight=0.0, paired_target="trajectory", last_step_rollout=3,
+                       score_guidance=4.0, student_timesteps=ts, student_timestep_probs=(0, 0.5, 0, 0.5), grad_clip_g=0)
+    seed = next(s for s in range(100) if sorted(round(v, 4) for v in draw_noise(
+        data, 0, cfg, torch.Generator().manual_seed(s))[0].tolist()) == [0.5, 0.9])
+    t = draw_noise(data, 0, cfg, torch.Generator().manual_seed(seed))[0]
+    i_last, i_other = (0, 1) if t[0] == 0.5 else (1, 0)
+    ref, te = copy.deepcopy(models.student), models.teacher
+    caps_last = [batch.cap_feats[i_last]]
+    x = pair_eps[i_last : i_last + 1]
+    with torch.no_grad():
+        for now, nxt in zip(ts[:-1], ts[1:]):
+            x = x + (nxt - now) * ref(x, torch.full((1,), now), caps_last).velocity
+        y = x
+        for now, nxt in ((0.5, 1 / 3), (1 / 3, 1 / 6), (1 / 6, 0.0)):  # the teacher, CFG 4, 3 steps
+            s_ = torch.full((1,), now)
+            v_c, v_u = te(y, s_, caps_last).velocity, te(y, s_, [neg]).velocity
+            y = y + (nxt - now) * (v_c + 4.0 * (v_c - v_u))
+    x_t, target = torch.empty_like(batch.x0), torch.empty_like(batch.x0)
+    x_t[i_last], target[i_last] = x[0], y[0]
+    x_t[i_other] = states[i_other, 0]  # the teacher's state at 0.9, its window towards the one at 0.75
+    target[i_other] = x_t[i_other] - 0.9 * (x_t[i_other] - states[i_other, 1]) / (0.9 - 0.75)
+    x0_hat = x_t - t.view(-1, 1, 1, 1) * ref(x_t, t, batch.cap_feats).velocity
+    mse = (x0_hat - target).square().mean()
+    (2.0 * mse).backward()
+    want = [p.grad for p in trainable(ref)]
+    with recorded_grads(opt_g, models.student) as got:
+        metrics, _ = generator_step(models, opt_g, [data], 0, cfg, torch.Generator().manual_seed(seed))
+    assert metrics["distill_loss"] == pytest.approx(mse.item(), rel=1e-4)
+    assert_grads_equal(got, want)
+    with pytest.raises(ConfigError, match="last_step_rollout > 0 needs paired_target = 'trajectory'"):
+        MethodConfig(distill_weight=1.0, last_step_rollout=2)
+
+
 def test_terms_on_the_last_step_with_no_row_there_still_call_the_teacher_and_train_nothing(setup):
     """adversarial_timesteps / score_timesteps "last" on a micro-batch with no row at the last timestep:
     the teacher's graph call and its guided call still run (on row 0: every rank makes the same calls,

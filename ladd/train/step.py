@@ -63,7 +63,7 @@ from ladd.distributed import set_gradient_sync
 from ladd.flow import interpolate, logit_normal, x0_from_velocity
 from ladd.models.discriminator import Discriminator
 from ladd.models.zimage import ZImageAdapter
-from ladd.sampling import guided_velocity
+from ladd.sampling import euler_sample, guided_velocity
 
 
 @dataclass
@@ -198,6 +198,8 @@ def student_x0(student: ZImageAdapter, batch: Batch, t: Tensor, eps: Tensor, cfg
         x_t = simulated_input(student, batch.cap_feats, t, eps, cfg.student_timesteps)
     elif cfg.paired_target == "trajectory":
         x_t = trajectory_window(batch, t, eps, cfg.student_timesteps)[0]
+        if cfg.last_step_rollout:
+            x_t = own_last_state(student, batch, t, eps, x_t, cfg)
     else:
         x_t = interpolate(batch.x0, eps, t)
     v = student(x_t, t, batch.cap_feats).velocity
@@ -228,6 +230,38 @@ def trajectory_window(batch: Batch, t: Tensor, eps: Tensor, timesteps: Sequence[
         last = k == len(timesteps) - 1
         target[rows] = nxt if last else here - now * (here - nxt) / (now - timesteps[k + 1])
     return x_t, target
+
+
+def own_last_state(student: ZImageAdapter, batch: Batch, t: Tensor, eps: Tensor, x_t: Tensor,
+                   cfg: MethodConfig) -> Tensor:
+    """x_t with the rows at the last timestep replaced by the student's own state there: its earlier
+    Euler steps from ε (no grad; method.last_step_rollout). The chain runs on those rows only (row 0 if
+    none, left as it was: every rank makes the same calls)."""
+    rows, _ = term_rows(t, "last", cfg)
+    caps = [batch.cap_feats[i] for i in rows.tolist()]
+    own = simulated_input(student, caps, t[rows], eps[rows], cfg.student_timesteps)
+    out = x_t.clone()
+    keep = at_last(t, cfg)[rows].view(-1, *[1] * (x_t.ndim - 1))
+    out[rows] = torch.where(keep, own.to(x_t.dtype), x_t[rows])
+    return out
+
+
+@torch.no_grad()
+def rollout_target(teacher: ZImageAdapter, batch: Batch, t: Tensor, x_t: Tensor, target: Tensor,
+                   cfg: MethodConfig) -> Tensor:
+    """`target` with the rows at the last timestep replaced by the guided teacher's `last_step_rollout`
+    Euler steps from their input x_t to 0 (σ uniform from the last timestep): where the teacher takes
+    the student's own state. On row 0 if none is at the last timestep, left as it was."""
+    if batch.neg_cap is None:
+        raise ValueError("method.last_step_rollout > 0 needs the negative prompt's caption features (Batch.neg_cap)")
+    rows, _ = term_rows(t, "last", cfg)
+    caps = [batch.cap_feats[i] for i in rows.tolist()]
+    sigmas = torch.linspace(cfg.student_timesteps[-1], 0.0, cfg.last_step_rollout + 1)
+    x0 = euler_sample(teacher, x_t[rows], sigmas, caps, [batch.neg_cap] * len(caps), cfg.score_guidance)
+    out = target.clone()
+    keep = at_last(t, cfg)[rows].view(-1, *[1] * (x_t.ndim - 1))
+    out[rows] = torch.where(keep, x0.to(target.dtype), target[rows])
+    return out
 
 
 def trained_rows(x0_hat: Tensor, t: Tensor, which: str, cfg: MethodConfig) -> Tensor:
@@ -387,6 +421,8 @@ def generator_step(
             if cfg.distill_weight > 0:
                 target = trajectory_window(batch, t, pair, cfg.student_timesteps, start=x_t)[1] \
                     if cfg.paired_target == "trajectory" else batch.x0
+                if cfg.last_step_rollout:
+                    target = rollout_target(teacher, batch, t, x_t, target, cfg)
                 distill = (x0_pair - target).square().mean()
                 loss = loss + cfg.distill_weight * distill
                 distill_total += distill.item() / n
