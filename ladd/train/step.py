@@ -25,7 +25,11 @@
     on the teacher's state at t_{k+1} (x0 itself at the last step): each of the 4 steps learns its own
     stretch of the teacher's path, where the endpoint target asks every step for the straight line to
     x0 that the teacher's path is not. The adversarial and score terms judge the same pass.
-    method.adversarial_timesteps / score_timesteps "last": that term trains only the rows at the last timestep.
+    method.adversarial_timesteps / score_timesteps "last": that term trains only the rows at the last
+    timestep, and the teacher's passes it needs run on those rows only. method.last_step_rollout K: the
+    last step starts from the student's own state (its earlier steps, no grad) instead of the teacher's,
+    and aims at where the guided teacher's K Euler steps take that state; with student_inputs
+    "simulate", every step starts from the student's own state and aims back at the teacher's next one.
 
     ON-POLICY INPUTS (method.adversarial_inputs "simulate", with the paired term): the samples at t < 1
     are run once more from where the student's own earlier Euler steps from their noise reach, as
