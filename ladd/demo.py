@@ -335,6 +335,9 @@ def method_line(m: dict) -> str:
         line += "; the adversarial and score terms judge the student's own earlier steps at t < 1"
     if m.get("student_inputs") == "simulate":
         line += "; student inputs from its own earlier steps"
+    if m.get("last_step_rollout", 0) > 0:
+        line += (f"; the last step from the student's own state, towards the guided teacher's "
+                 f"{m['last_step_rollout']} steps from there")
     last = [name for name, key in (("adversarial", "adversarial_timesteps"), ("score", "score_timesteps"))
             if m.get(key) == "last" and (name == "adversarial" or m.get("score_weight", 0) > 0)]
     if last:

@@ -6,7 +6,7 @@ import shutil
 import pytest
 from safetensors import safe_open
 
-from ladd.demo import DemoConfig, run_demo
+from ladd.demo import DemoConfig, method_line, run_demo
 from ladd.models.tiny import build_tiny_pipeline
 from tests.clitools import error_lines, run_cli
 
@@ -168,3 +168,11 @@ def test_demo_data_made_for_another_config_are_refused_in_one_line(capsys, tmp_p
     assert rc == 2 and len(error_lines(err)) == 1, err
     assert "--trajectory differs" in err and f"remove {demo}" in err
     assert (demo / "data" / "train" / "manifest.json").read_text() == before
+
+
+def test_method_line_names_the_last_step_rollout():
+    """The report's method line says when the last step trains from the student's own state."""
+    m = dict(loss="hinge", gen_update_interval=1, renoise_m=-2.5, distill_weight=10.0, paired_target="trajectory",
+             last_step_rollout=2)
+    assert "the last step from the student's own state, towards the guided teacher's 2 steps" in method_line(m)
+    assert "own state" not in method_line({**m, "last_step_rollout": 0})
