@@ -243,11 +243,7 @@ def own_last_state(student: ZImageAdapter, batch: Batch, t: Tensor, eps: Tensor,
     none, left as it was: every rank makes the same calls)."""
     rows, _ = term_rows(t, "last", cfg)
     caps = [batch.cap_feats[i] for i in rows.tolist()]
-    own = simulated_input(student, caps, t[rows], eps[rows], cfg.student_timesteps)
-    out = x_t.clone()
-    keep = at_last(t, cfg)[rows].view(-1, *[1] * (x_t.ndim - 1))
-    out[rows] = torch.where(keep, own.to(x_t.dtype), x_t[rows])
-    return out
+    return on_last_rows(x_t, rows, simulated_input(student, caps, t[rows], eps[rows], cfg.student_timesteps), t, cfg)
 
 
 @torch.no_grad()
@@ -262,9 +258,15 @@ def rollout_target(teacher: ZImageAdapter, batch: Batch, t: Tensor, x_t: Tensor,
     caps = [batch.cap_feats[i] for i in rows.tolist()]
     sigmas = torch.linspace(cfg.student_timesteps[-1], 0.0, cfg.last_step_rollout + 1)
     x0 = euler_sample(teacher, x_t[rows], sigmas, caps, [batch.neg_cap] * len(caps), cfg.score_guidance)
-    out = target.clone()
-    keep = at_last(t, cfg)[rows].view(-1, *[1] * (x_t.ndim - 1))
-    out[rows] = torch.where(keep, x0.to(target.dtype), target[rows])
+    return on_last_rows(target, rows, x0, t, cfg)
+
+
+def on_last_rows(x: Tensor, rows: Tensor, new: Tensor, t: Tensor, cfg: MethodConfig) -> Tensor:
+    """x with x[rows] set to `new` where the row is at the last timestep (`term_rows`' stand-in row 0
+    keeps its value)."""
+    out = x.clone()
+    keep = at_last(t, cfg)[rows].view(-1, *[1] * (x.ndim - 1))
+    out[rows] = torch.where(keep, new.to(x.dtype), x[rows])
     return out
 
 
