@@ -172,6 +172,12 @@ class MethodConfig(Section):
     allow_hinge_batch_of_one: bool = False
     """allow hinge with data.batch_per_rank = 1, which saturates to zero gradient (see check_micro_batch)"""
 
+    @property
+    def guided_teacher(self) -> bool:
+        """Whether a term runs the teacher with CFG (the score term, the last-step rollout): the data's
+        negative prompt is then needed."""
+        return self.score_weight > 0 or self.last_step_rollout > 0
+
     def check(self):
         self.student_timesteps = tuple(float(t) for t in self.student_timesteps)
         self.student_timestep_probs = tuple(float(p) for p in self.student_timestep_probs)

@@ -445,6 +445,9 @@ def test_trajectory_data_carry_the_teachers_own_path_at_the_student_timesteps(wo
             frac = (sigma - sigmas[n]) / (sigmas[n + 1] - sigmas[n])
             torch.testing.assert_close(batch.states[j, k], (seen[n] + frac * (seen[n + 1] - seen[n]))[0], atol=1e-4, rtol=0)
     assert train(load_config(None, overrides(world, world / "path-run", steps=2, **ts, **data)))["finished"]
+    # The last-step rollout runs the guided teacher: the negative prompt comes without the score term too.
+    rollout = {"method.last_step_rollout": "1", "method.score_weight": "0.0"}
+    assert train(load_config(None, overrides(world, world / "rollout-run", steps=2, **ts, **data, **rollout)))["finished"]
 
 
 @pytest.mark.slow

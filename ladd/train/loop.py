@@ -156,7 +156,7 @@ class Trainer:
         """Data batches (ShardBatch) as the step's micro-batches: on the device, captions dropped, paired noise."""
         cfg, out = self.cfg, []
         empty = None
-        neg = self.negative_caption() if cfg.method.score_weight > 0 else None
+        neg = self.negative_caption() if cfg.method.guided_teacher else None
         for b in batches:
             caps = [c.to(self.dist.device) for c in b.cap_feats]
             cond = (b.clip if cfg.model.text_cond == "clip" else b.pooled).to(self.dist.device)
@@ -180,7 +180,7 @@ class Trainer:
         return out
 
     def negative_caption(self) -> torch.Tensor:
-        """The caption features of the data's negative prompt (the teacher's CFG; method.score_weight)."""
+        """The caption features of the data's negative prompt (the teacher's CFG; method.guided_teacher)."""
         sampling = self.data.manifest["sampling"]
         return self.fixed_caption(sampling.get("negative_prompt", ""), sampling.get("max_sequence_length", 512))
 
