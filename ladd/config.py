@@ -145,6 +145,8 @@ class MethodConfig(Section):
     """λ > 0: student inputs use the teacher's own initial noise, + λ·‖x̂0 − x0‖²"""
     adversarial_noise: AdversarialNoise = "paired"
     """with λ > 0, the fake's noise: "paired" (the pair's, one pass) or "fresh" (new ε, a second pass)"""
+    distill_timestep_weights: tuple[float, ...] = ()
+    """with λ > 0, the paired term's weight at each student timestep (as many as student_timesteps; () = all 1)"""
     paired_target: PairedTarget = "endpoint"
     """with λ > 0: "endpoint" x0 from (1 − t)·x0 + t·ε; "trajectory": each step of the teacher's own path (data from precompute --trajectory)"""
     last_step_rollout: int = 0
@@ -181,6 +183,11 @@ class MethodConfig(Section):
     def check(self):
         self.student_timesteps = tuple(float(t) for t in self.student_timesteps)
         self.student_timestep_probs = tuple(float(p) for p in self.student_timestep_probs)
+        self.distill_timestep_weights = tuple(float(w) for w in self.distill_timestep_weights)
+        if self.distill_timestep_weights and (len(self.distill_timestep_weights) != len(self.student_timesteps)
+                                              or min(self.distill_timestep_weights) < 0):
+            raise ConfigError(f"method.distill_timestep_weights {list(self.distill_timestep_weights)} needs one weight "
+                              f">= 0 per student timestep ({len(self.student_timesteps)}), or [] for all 1")
         self.at_least(1, "gen_update_interval")
         self.at_least(0, "disc_warmup_steps", "curriculum_warmup_steps", "r1_weight", "distill_weight",
                       "mismatch_weight", "score_weight", "score_guidance", "adversarial_weight", "grad_clip_g",

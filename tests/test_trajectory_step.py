@@ -205,3 +205,34 @@ def test_terms_on_the_last_step_with_no_row_there_still_call_the_teacher_and_tra
             assert [len(c["x"]) for c in spy.calls if not c["taps"]] == [2]  # the guided call, row 0's cond + uncond
             assert all(len(f) == 2 for f in inputs[0].fake.values())  # the disc still judges every row
     assert_grads_equal(grads["last"], grads["paired only"])
+
+
+def test_distill_timestep_weights_scale_each_rows_paired_error(setup):
+    """method.distill_timestep_weights: each row's squared error in the paired term is weighted by its
+    timestep's weight, the mean still over every element; the metric is that weighted mean. By hand."""
+    models, batch, opt_g, opt_d = setup
+    data, pair_eps, states, _ = trajectory_data(batch)
+    cfg = MethodConfig(distill_weight=2.0, adversarial_weight=0.0, paired_target="trajectory", student_timesteps=TS,
+                       student_timestep_probs=(0, 0.5, 0, 0.5), distill_timestep_weights=(0.5, 0.25, 1.0, 4.0),
+                       grad_clip_g=0)
+    seed = seed_drawing(data, cfg, [0.5, 0.9])
+    t = draw_noise(data, 0, cfg, torch.Generator().manual_seed(seed))[0]
+    ref = copy.deepcopy(models.student)
+    x_t, target, w = torch.empty_like(batch.x0), torch.empty_like(batch.x0), torch.empty(2)
+    for i in range(2):
+        if t[i] == 0.5:
+            x_t[i], target[i], w[i] = states[i, 2], batch.x0[i], 4.0
+        else:
+            x_t[i], w[i] = states[i, 0], 0.25
+            target[i] = x_t[i] - 0.9 * (x_t[i] - states[i, 1]) / (0.9 - 0.75)
+    x0_hat = x_t - t.view(-1, 1, 1, 1) * ref(x_t, t, batch.cap_feats).velocity
+    weighted = (w.view(-1, 1, 1, 1) * (x0_hat - target).square()).mean()
+    (2.0 * weighted).backward()
+    want = [p.grad for p in trainable(ref)]
+    with recorded_grads(opt_g, models.student) as got:
+        metrics, _ = generator_step(models, opt_g, [data], 0, cfg, torch.Generator().manual_seed(seed))
+    assert metrics["distill_loss"] == pytest.approx(weighted.item(), rel=1e-5)
+    assert_grads_equal(got, want)
+    for bad in ((1.0, 1.0, 1.0), (1.0, 1.0, -1.0, 1.0)):
+        with pytest.raises(ConfigError, match="distill_timestep_weights"):
+            MethodConfig(distill_weight=1.0, student_timesteps=TS, distill_timestep_weights=bad)

@@ -270,6 +270,16 @@ def on_last_rows(x: Tensor, rows: Tensor, new: Tensor, t: Tensor, cfg: MethodCon
     return out
 
 
+def distill_weights(t: Tensor, cfg: MethodConfig) -> Tensor:
+    """(B,) the paired term's weight of each row: method.distill_timestep_weights at its timestep (1 if unset)."""
+    if not cfg.distill_timestep_weights:
+        return torch.ones_like(t)
+    out = torch.zeros_like(t)
+    for now, w in zip(cfg.student_timesteps, cfg.distill_timestep_weights):
+        out[torch.isclose(t, torch.tensor(now, dtype=t.dtype, device=t.device))] = w
+    return out
+
+
 def trained_rows(x0_hat: Tensor, t: Tensor, which: str, cfg: MethodConfig) -> Tensor:
     """x̂0 as a term sees it: with `which` "last" (method.adversarial_timesteps, score_timesteps) the rows
     at other timesteps are detached (their values stay; the term trains the last step only)."""
@@ -429,7 +439,8 @@ def generator_step(
                     if cfg.paired_target == "trajectory" else batch.x0
                 if cfg.last_step_rollout:
                     target = rollout_target(teacher, batch, t, x_t, target, cfg)
-                distill = (x0_pair - target).square().mean()
+                distill = (distill_weights(t, cfg).view(-1, *[1] * (target.ndim - 1))
+                           * (x0_pair - target).square()).mean()
                 loss = loss + cfg.distill_weight * distill
                 distill_total += distill.item() / n
             (loss / n).backward()
