@@ -15,7 +15,8 @@
          -> student update. The same F_fake (detached) then feeds the D-step: one fake teacher pass.
 
     PAIRED DISTILLATION (method.distill_weight λ > 0, not in the blog): ε in step 1 is x0's own teacher
-    noise (the precompute's seed rule) and the G-step loss is g_loss + λ·mean((x̂0 − x0)²). With
+    noise (the precompute's seed rule) and the G-step loss is g_loss + λ·mean((x̂0 − x0)²) (each row's error
+    × its timestep's method.distill_timestep_weights, when set). With
     method.adversarial_noise "fresh", only the paired term uses that noise: the fake comes from a second
     student pass on fresh ε, so the disc judges the student on noises no pair holds.
 
