@@ -222,7 +222,7 @@ def trajectory_window(batch: Batch, t: Tensor, eps: Tensor, timesteps: Sequence[
     if batch.states is None or batch.states.shape[1] != len(timesteps) - 1:
         raise ValueError(f"method.paired_target 'trajectory' needs the teacher's states at {list(timesteps[1:])} "
                          "(Batch.states, one per timestep after the first)")
-    at = [torch.isclose(t, torch.tensor(now, dtype=t.dtype, device=t.device)) for now in timesteps]
+    at = [at_timestep(t, now) for now in timesteps]
     if not bool(torch.stack(at).any(0).all()):
         raise ValueError(f"student timesteps {t.tolist()} are not all among {list(timesteps)}")
     path = [eps, *batch.states.unbind(1), batch.x0]
@@ -277,7 +277,7 @@ def distill_weights(t: Tensor, cfg: MethodConfig) -> Tensor:
         return torch.ones_like(t)
     out = torch.zeros_like(t)
     for now, w in zip(cfg.student_timesteps, cfg.distill_timestep_weights):
-        out[torch.isclose(t, torch.tensor(now, dtype=t.dtype, device=t.device))] = w
+        out[at_timestep(t, now)] = w
     return out
 
 
@@ -291,7 +291,12 @@ def trained_rows(x0_hat: Tensor, t: Tensor, which: str, cfg: MethodConfig) -> Te
 
 def at_last(t: Tensor, cfg: MethodConfig) -> Tensor:
     """(B,) bool: the rows at the student's last timestep."""
-    return torch.isclose(t, torch.tensor(cfg.student_timesteps[-1], dtype=t.dtype, device=t.device))
+    return at_timestep(t, cfg.student_timesteps[-1])
+
+
+def at_timestep(t: Tensor, now: float) -> Tensor:
+    """(B,) bool: the rows at student timestep `now`."""
+    return torch.isclose(t, torch.tensor(now, dtype=t.dtype, device=t.device))
 
 
 def term_rows(t: Tensor, which: str, cfg: MethodConfig) -> tuple[Tensor, Tensor]:
@@ -320,7 +325,7 @@ def simulated_input(student: ZImageAdapter, cap_feats, t: Tensor, eps: Tensor, t
     for now, nxt in zip(timesteps[:-1], timesteps[1:]):
         v = student(x, torch.full_like(t, now), cap_feats).velocity
         x = x + (nxt - now) * v.float()
-        here = torch.isclose(t, torch.tensor(nxt, dtype=t.dtype, device=t.device))
+        here = at_timestep(t, nxt)
         out[here] = x[here].to(out.dtype)
     return out
 
