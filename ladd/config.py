@@ -151,6 +151,8 @@ class MethodConfig(Section):
     """with λ > 0: "endpoint" x0 from (1 − t)·x0 + t·ε; "trajectory": each step of the teacher's own path (data from precompute --trajectory)"""
     last_step_rollout: int = 0
     """K > 0, with paired_target "trajectory": the last step starts from the student's own state (its earlier steps from the pair's noise, no grad) and aims at the guided teacher's K Euler steps from there (σ uniform to 0, score_guidance); 0: the teacher's state, aiming at x0"""
+    last_step_chain: int = 0
+    """with last_step_rollout: how many of the student's own steps make the last step's input; 0 = all (from the pair's noise), k = the last k, from the teacher's state k timesteps before the last (fewer student passes)"""
     adversarial_timesteps: TrainedTimesteps = "all"
     """the rows the adversarial term trains: "all", or "last" (those at the last student timestep; the others detached)"""
     mismatch_weight: float = 0.0
@@ -202,7 +204,13 @@ class MethodConfig(Section):
             self.curriculum()
         except ValueError as e:
             raise ConfigError(f"method: {e}") from None
-        self.at_least(0, "last_step_rollout")
+        self.at_least(0, "last_step_rollout", "last_step_chain")
+        if self.last_step_chain and not self.last_step_rollout:
+            raise ConfigError("method.last_step_chain > 0 shortens the chain of method.last_step_rollout, which is 0; "
+                              "set last_step_rollout > 0, or last_step_chain = 0")
+        if self.last_step_chain >= len(self.student_timesteps) - 1:
+            raise ConfigError(f"method.last_step_chain {self.last_step_chain} must be below "
+                              f"{len(self.student_timesteps) - 1} (the steps before the last); 0 runs them all")
         if self.last_step_rollout and (self.paired_target != "trajectory" or self.student_inputs != "interpolate"):
             raise ConfigError("method.last_step_rollout > 0 needs paired_target = 'trajectory' with student_inputs = "
                               "'interpolate' (the earlier steps start from the teacher's states); set those, or "

@@ -149,22 +149,26 @@ def test_trajectory_windows_from_the_students_own_states_aim_back_at_the_teacher
     assert_paired_gradient(models, opt_g, data, cfg, seed, ref, x_t, t, target)
 
 
-def test_last_step_rollout_starts_from_the_students_own_state_and_aims_where_the_teacher_takes_it(setup):
+@pytest.mark.parametrize("chain", [0, 1, 2])
+def test_last_step_rollout_starts_from_the_students_own_state_and_aims_where_the_teacher_takes_it(setup, chain):
     """method.last_step_rollout K: the rows at the last timestep start from the student's own state there
-    (its Euler steps from the pair's noise, no grad) and aim at the guided teacher's K Euler steps from
-    that state to 0 (σ uniform); the other rows keep their windows. The student's gradient, by hand."""
+    (its Euler steps from the pair's noise, no grad; with last_step_chain k its last k steps from the
+    teacher's state k timesteps earlier) and aim at the guided teacher's K Euler steps from that state
+    to 0 (σ uniform); the other rows keep their windows. The student's gradient, by hand."""
     models, batch, opt_g, opt_d = setup
     data, pair_eps, states, neg = trajectory_data(batch)
     cfg = MethodConfig(distill_weight=2.0, adversarial_weight=0.0, paired_target="trajectory", last_step_rollout=3,
-                       score_guidance=4.0, student_timesteps=TS, student_timestep_probs=(0, 0.5, 0, 0.5), grad_clip_g=0)
+                       last_step_chain=chain, score_guidance=4.0, student_timesteps=TS,
+                       student_timestep_probs=(0, 0.5, 0, 0.5), grad_clip_g=0)
     seed = seed_drawing(data, cfg, [0.5, 0.9])
     t = draw_noise(data, 0, cfg, torch.Generator().manual_seed(seed))[0]
     i_last, i_other = (0, 1) if t[0] == 0.5 else (1, 0)
     ref, te = copy.deepcopy(models.student), models.teacher
     caps_last = [batch.cap_feats[i_last]]
-    x = pair_eps[i_last : i_last + 1]
+    first = len(TS) - 1 - chain if chain else 0  # the chain starts at TS[first]: ε, or the teacher's state there
+    x = pair_eps[i_last : i_last + 1] if chain == 0 else states[i_last : i_last + 1, first - 1]
     with torch.no_grad():
-        for now, nxt in zip(TS[:-1], TS[1:]):
+        for now, nxt in zip(TS[first:-1], TS[first + 1 :]):
             x = x + (nxt - now) * ref(x, torch.full((1,), now), caps_last).velocity
         y = x
         for now, nxt in ((0.5, 1 / 3), (1 / 3, 1 / 6), (1 / 6, 0.0)):  # the teacher, CFG 4, 3 steps
@@ -178,6 +182,11 @@ def test_last_step_rollout_starts_from_the_students_own_state_and_aims_where_the
     assert_paired_gradient(models, opt_g, data, cfg, seed, ref, x_t, t, target, rel=1e-4)
     with pytest.raises(ConfigError, match="last_step_rollout > 0 needs paired_target = 'trajectory'"):
         MethodConfig(distill_weight=1.0, last_step_rollout=2)
+    with pytest.raises(ConfigError, match="last_step_chain > 0 shortens the chain"):
+        MethodConfig(distill_weight=1.0, paired_target="trajectory", last_step_chain=1)
+    with pytest.raises(ConfigError, match="last_step_chain 3 must be below 3"):
+        MethodConfig(distill_weight=1.0, paired_target="trajectory", last_step_rollout=2, last_step_chain=3,
+                     student_timesteps=TS, student_timestep_probs=(0.25,) * 4)
 
 
 def test_terms_on_the_last_step_with_no_row_there_still_call_the_teacher_and_train_nothing(setup):

@@ -240,11 +240,15 @@ def trajectory_window(batch: Batch, t: Tensor, eps: Tensor, timesteps: Sequence[
 def own_last_state(student: ZImageAdapter, batch: Batch, t: Tensor, eps: Tensor, x_t: Tensor,
                    cfg: MethodConfig) -> Tensor:
     """x_t with the rows at the last timestep replaced by the student's own state there: its earlier
-    Euler steps from ε (no grad; method.last_step_rollout). The chain runs on those rows only (row 0 if
+    Euler steps from ε (no grad; method.last_step_rollout), or with method.last_step_chain k its last k
+    steps from the teacher's state k timesteps earlier. The chain runs on those rows only (row 0 if
     none, left as it was: every rank makes the same calls)."""
     rows, _ = term_rows(t, "last", cfg)
     caps = [batch.cap_feats[i] for i in rows.tolist()]
-    return on_last_rows(x_t, rows, simulated_input(student, caps, t[rows], eps[rows], cfg.student_timesteps), t, cfg)
+    k = cfg.last_step_chain
+    start = eps[rows] if k == 0 else batch.states[rows, -1 - k].to(eps.dtype)  # states[:, j]: the teacher's at timesteps[j + 1]
+    timesteps = cfg.student_timesteps[-1 - k:] if k else cfg.student_timesteps
+    return on_last_rows(x_t, rows, simulated_input(student, caps, t[rows], start, timesteps), t, cfg)
 
 
 @torch.no_grad()
