@@ -128,7 +128,7 @@ def test_demo_ablation_trains_each_variant_on_the_same_seeds(tmp_path):
         terms = (method["distill_weight"], method["score_weight"], method["adversarial_weight"],
                  method["gen_update_interval"], optim["lr_g"])
         # pure LADD: its own recipe; distillation alone: the default's paired and score terms, no adversarial one
-        assert terms == ((0.0, 0.0, 1.0, 3, 3e-5) if slug == "pure-ladd" else (10.0, 3.0, 0.0, 1, 6e-5))
+        assert terms == ((0.0, 0.0, 1.0, 3, 3e-5) if slug == "pure-ladd" else (10.0, 6.0, 0.0, 1, 6e-5))
         assert set(v["health"]) == {"seed-0", "seed-1"} and "drift" in v["health"]["seed-0"]  # replayed per seed
     assert "Ablation (same data, seeds and steps)" in (tmp_path / "demo" / "report.html").read_text()
 
