@@ -12,11 +12,17 @@ from __future__ import annotations
 
 import json
 import math
+import multiprocessing
+import os
 import platform
+import signal
+import sys
 import time
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from tqdm import tqdm
 
 from ladd.data.buckets import parse_buckets
 from ladd.distributed import print0
@@ -52,6 +58,12 @@ class DemoConfig:
     # Seeds whose earlier checkpoints are scored too (report.json over_steps, the KID-over-steps curve);
     # the others are scored at the untrained start and the end only. Each checkpoint is an eval row.
     curve_seeds: int = 1
+    # Training runs at once, each in its own process with an equal share of the cores as torch threads
+    # (the toy step is launch-bound: one thread per run trains more runs per second, bench/demo_jobs.py).
+    # Default: one per core, at most the runs left to train; 1 trains in this process on every core.
+    # A run's numbers depend on its thread count, so on a machine with another core count they differ
+    # in the last digits. From a Python script, more than one job needs `if __name__ == "__main__":`.
+    jobs: int | None = None
 
     def __post_init__(self):
         self.seeds = self.seeds if self.seeds is not None else (1 if self.quick else 5)
@@ -64,6 +76,8 @@ class DemoConfig:
                              f"{self.n_eval}")
         if self.curve_seeds < 0:
             raise ValueError(f"--curve-seeds must be >= 0, got {self.curve_seeds}")
+        if self.jobs is not None and self.jobs < 1:
+            raise ValueError(f"--jobs must be >= 1, got {self.jobs}")
         self.out = self.out or ("runs/demo-quick" if self.quick else "runs/demo") + ("-buckets" if self.buckets else "")
 
 
@@ -109,7 +123,6 @@ def run_demo(cfg: DemoConfig) -> dict:
     from ladd.toy.build import pipeline_world
     from ladd.train.checkpoint import Checkpointer, read_config
     from ladd.train.health import read_metrics, replay
-    from ladd.train.loop import train
 
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -138,24 +151,23 @@ def run_demo(cfg: DemoConfig) -> dict:
 
     ema = base.train.ema_decay > 0  # a run that keeps an EMA is judged (and exported) by it
     steps = cfg.steps or (max(base.train.steps // 3, 1) if cfg.quick else base.train.steps)
-    def trained(run: Path, seed: int, extra: tuple[str, ...] = (), config: str | None = None) -> Path:
+    # --ablation: the same data, seeds and steps with one term of the student's loss removed.
+    plan = {None: [(out / "runs" / f"seed-{seed}", seed, (), None) for seed in range(cfg.seeds)]}
+    for name, (slug, config, extra) in (ABLATIONS.items() if cfg.ablation else ()):
+        plan[name] = [(out / "runs" / slug / f"seed-{seed}", seed, extra, config) for seed in range(cfg.seeds)]
+    todo = []
+    for run, seed, extra, config in (entry for variant in plan.values() for entry in variant):
         latest = Checkpointer(run / "checkpoints", None).latest()
-        if latest is not None and json.loads((latest / "meta.json").read_text())["step"] >= steps:
-            return run
-        with _stage(timings, "train"):
+        if latest is None or json.loads((latest / "meta.json").read_text())["step"] < steps:
             sets = [f'model.pipeline="{cfg.pipeline}"', f'data.path="{out / "data" / "train"}"',
                     f'train.out="{run}"', f"train.seed={seed}", f"data.seed={seed}", f"train.steps={steps}",
                     *cfg.overrides, *extra]
-            result = train(load_config(config or cfg.config, sets))
-            if result["stopped"]:
-                print0(f"{run}: training stopped early ({result['stopped']})")
-        return run
-
-    runs = [trained(out / "runs" / f"seed-{seed}", seed) for seed in range(cfg.seeds)]
-    # --ablation: the same data, seeds and steps with one term of the student's loss removed.
-    ablation_runs = {name: [trained(out / "runs" / slug / f"seed-{seed}", seed, extra, config)
-                            for seed in range(cfg.seeds)]
-                     for name, (slug, config, extra) in (ABLATIONS.items() if cfg.ablation else ())}
+            todo.append((run, config or cfg.config, sets))
+    if todo:
+        with _stage(timings, "train"):
+            train_runs(todo, cfg.jobs)
+    runs = [run for run, *_ in plan[None]]
+    ablation_runs = {name: [run for run, *_ in variant] for name, variant in plan.items() if name is not None}
 
     reused.update({"train", "evaluate"} - timings.keys())
 
@@ -207,6 +219,114 @@ def run_demo(cfg: DemoConfig) -> dict:
     print0(headline(report))
     print0(f"wrote {out / 'report.html'} and {out / 'report.json'}")
     return report
+
+
+def cores() -> int:
+    """The cores this process may run on (its CPU affinity, where the OS tells it)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def train_runs(todo: list[tuple[Path, str, list[str]]], jobs: int | None = None) -> None:
+    """Trains each (run folder, config, overrides). With one job, in this process; with more, in rounds
+    of that many at once in spawned processes, every run's output in its folder's train.log. The torch
+    threads of each run are fixed before any starts (`thread_plan`), so its numbers do not depend on
+    which run finishes first. A preemption signal goes on to every run, which checkpoints and stops; the
+    demo then stops too, and a rerun resumes each run where it stopped."""
+    from ladd.train.preemption import SIGNALS
+
+    jobs = min(jobs or cores(), len(todo))
+    if jobs <= 1:
+        for run, config, sets in todo:
+            stopped = _train_run(config, sets)
+            if stopped:
+                print0(f"{run}: training stopped early ({stopped})")
+            if stopped == "stop_preempted":
+                raise SystemExit(0)
+        return
+    threads = thread_plan(len(todo), jobs, cores())
+    print0(f"training {len(todo)} runs, {jobs} at once with {threads[0]} thread(s) each; "
+           f"each run's output is in its folder's train.log")
+    context = multiprocessing.get_context("spawn")
+    stop = context.Event()  # set by a preemption signal: a run not yet started does not start
+    received: list[int] = []
+
+    def forward(signum, frame):
+        stop.set()
+        received.append(signum)
+
+    previous = {sig: signal.signal(sig, forward) for sig in SIGNALS}
+    pool = ProcessPoolExecutor(jobs, mp_context=context, initializer=_worker_init, initargs=(stop,))
+    try:
+        with tqdm(total=len(todo), desc=f"train ({jobs} at once)", unit="run") as bar:
+            for first in range(0, len(todo), jobs):  # a round: its runs share the cores
+                running = {pool.submit(_train_run, config, sets, str(run / "train.log"), n): run
+                           for (run, config, sets), n in zip(todo[first:first + jobs], threads[first:first + jobs])}
+                while running:
+                    done, _ = wait(running, timeout=2.0, return_when=FIRST_COMPLETED)
+                    if received:  # again every 2 s: a run still loading has no handler yet and would miss it
+                        for child in multiprocessing.active_children():
+                            os.kill(child.pid, received[0])
+                    for future in done:
+                        stopped = future.result()  # a run's exception is raised here; its train.log has the rest
+                        if stopped:
+                            tqdm.write(f"{running[future]}: training stopped early ({stopped})")
+                        del running[future]
+                        bar.update()
+                if stop.is_set():
+                    break
+    except BaseException:  # a run failed, or ^C
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    finally:
+        pool.shutdown()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if stop.is_set():
+        print0("preempted: rerun the same `ladd demo` command to resume each run where it stopped")
+        raise SystemExit(0)
+
+
+def thread_plan(runs: int, jobs: int, cores: int) -> list[int]:
+    """Torch threads per run when `runs` train in rounds of `jobs` at once: cores // jobs each, and the
+    last, smaller round shares every core (5 runs on 2 cores: 1, 1, 1, 1, 2)."""
+    rest = runs % jobs
+    return [max(cores // jobs, 1)] * (runs - rest) + ([max(cores // rest, 1)] * rest if rest else [])
+
+
+_STOP = None  # in a training worker: the demo's stop event
+
+
+def _worker_init(stop) -> None:
+    """A training worker. Preemption signals reach it through the demo, which sets `stop` and passes
+    them on; between runs they are ignored (a run's trainer handles them itself)."""
+    from ladd.train.preemption import SIGNALS
+
+    global _STOP
+    _STOP = stop
+    for sig in SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+
+
+def _train_run(config: str, sets: list[str], log: str | None = None, threads: int | None = None) -> str | None:
+    """One training run; with `log`, this process's stdout and stderr go to that file; with `threads`,
+    torch runs on that many. Returns why it stopped early, or None."""
+    from ladd.config import load_config
+    from ladd.train.loop import train
+
+    if _STOP is not None and _STOP.is_set():
+        return "stop_preempted_before_it_started"  # the rerun trains it
+    if log is not None:
+        Path(log).parent.mkdir(parents=True, exist_ok=True)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        with open(log, "a") as f:
+            os.dup2(f.fileno(), 1)
+            os.dup2(f.fileno(), 2)
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
+    return train(load_config(config, sets))["stopped"]
 
 
 def precompute_split(folder: Path, cfg):

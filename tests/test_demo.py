@@ -14,7 +14,7 @@ from tests.clitools import error_lines, run_cli
 @pytest.mark.slow
 def test_demo_runs_caches_and_reports(tmp_path):
     build_tiny_pipeline(seed=1).save_pretrained(tmp_path / "tiny")
-    cfg = DemoConfig(out=str(tmp_path / "demo"), seeds=2, pipeline=str(tmp_path / "tiny"), n_train=8, n_eval=8,
+    cfg = DemoConfig(out=str(tmp_path / "demo"), seeds=2, jobs=1, pipeline=str(tmp_path / "tiny"), n_train=8, n_eval=8,
                      steps=3, features="random-conv", subsets=5, subset_size=4,
                      overrides=("validation.num_prompts=2", "train.checkpoint_every=2"))
     report = run_demo(cfg)
@@ -87,7 +87,7 @@ def test_demo_on_buckets_reports_each_bucket(tmp_path):
     from ladd.report import headline
 
     build_tiny_pipeline(seed=1).save_pretrained(tmp_path / "tiny")
-    cfg = DemoConfig(out=str(tmp_path / "demo"), seeds=2, pipeline=str(tmp_path / "tiny"), n_train=16, n_eval=12,
+    cfg = DemoConfig(out=str(tmp_path / "demo"), seeds=2, jobs=1, pipeline=str(tmp_path / "tiny"), n_train=16, n_eval=12,
                      steps=2, features="random-conv", subsets=3, subset_size=3, buckets="32x32,40x24",
                      overrides=("validation.num_prompts=2", "data.batch_per_rank=2"))
     report = run_demo(cfg)
@@ -110,7 +110,7 @@ def test_demo_ablation_trains_each_variant_on_the_same_seeds(tmp_path):
     from ladd.train.checkpoint import read_config
 
     build_tiny_pipeline(seed=1).save_pretrained(tmp_path / "tiny")
-    common = dict(out=str(tmp_path / "demo"), seeds=2, pipeline=str(tmp_path / "tiny"), n_train=8, n_eval=8,
+    common = dict(out=str(tmp_path / "demo"), seeds=2, jobs=1, pipeline=str(tmp_path / "tiny"), n_train=8, n_eval=8,
                   steps=2, features="random-conv", subsets=3, subset_size=4, overrides=("validation.num_prompts=2",))
     plain = run_demo(DemoConfig(**common))
     report = run_demo(DemoConfig(**common, ablation=True))
@@ -146,7 +146,7 @@ def test_demo_eval_set_holds_a_kid_subset_per_bucket_and_bad_input_is_one_line(c
     assert DemoConfig().n_eval == 192 and DemoConfig(quick=True, buckets="toy").n_eval == 128
     assert DemoConfig(buckets="toy").n_eval == 384 and DemoConfig(buckets="64x64").n_eval == 192
     assert DemoConfig(buckets="toy", n_eval=96).n_eval == 96  # given: kept
-    for bad in (["--buckets", "64x64,wide"], ["--seeds", "0"]):
+    for bad in (["--buckets", "64x64,wide"], ["--seeds", "0"], ["--jobs", "0"]):
         rc, _, err = run_cli(capsys, "demo", "--out", tmp_path / "demo", *bad)
         assert rc == 2 and len(error_lines(err)) == 1, err
     assert not (tmp_path / "demo").exists()
@@ -176,3 +176,89 @@ def test_method_line_names_the_last_step_rollout():
              last_step_rollout=2)
     assert "the last step from the student's own state, towards the guided teacher's 2 steps" in method_line(m)
     assert "own state" not in method_line({**m, "last_step_rollout": 0})
+
+
+@pytest.mark.slow
+def test_demo_jobs_train_runs_in_processes_with_the_numbers_of_this_process(tmp_path):
+    """--jobs 2: the seeds train two at once in spawned processes with cores() // 2 torch threads each,
+    each run's output in its train.log; every number equals the same demo trained in this process at
+    that thread count."""
+    import torch
+
+    from ladd.demo import cores
+
+    build_tiny_pipeline(seed=1).save_pretrained(tmp_path / "tiny")
+    common = dict(seeds=2, pipeline=str(tmp_path / "tiny"), n_train=8, n_eval=8, steps=3, features="random-conv",
+                  subsets=5, subset_size=4, overrides=("validation.num_prompts=2",))
+    parallel = run_demo(DemoConfig(out=str(tmp_path / "jobs-2"), jobs=2, **common))
+    (tmp_path / "jobs-1").mkdir()
+    for name in ("train.txt", "eval.txt", "data"):  # the same prompts and teacher data: precompute is reused
+        (shutil.copytree if name == "data" else shutil.copy)(tmp_path / "jobs-2" / name, tmp_path / "jobs-1" / name)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(cores() // 2, 1))
+    try:
+        here = run_demo(DemoConfig(out=str(tmp_path / "jobs-1"), jobs=1, **common))
+    finally:
+        torch.set_num_threads(threads)
+    assert parallel["kid"]["ladd"] == here["kid"]["ladd"] and parallel["latent_mse"] == here["latent_mse"]
+    timing = {"step_time", "samples_per_s", "peak_mem_gb"}
+    for seed in range(2):
+        runs = [tmp_path / out / "runs" / f"seed-{seed}" for out in ("jobs-2", "jobs-1")]
+        metrics = [[{k: v for k, v in json.loads(line).items() if k not in timing}
+                    for line in (run / "metrics.jsonl").read_text().splitlines()] for run in runs]
+        assert len(metrics[0]) == 5 and metrics[0] == metrics[1]  # validations at steps 0 and 3, and 3 steps
+        assert "train: 100%" in (runs[0] / "train.log").read_text() and not (runs[1] / "train.log").exists()
+
+
+def test_thread_plan_fixes_each_runs_threads_and_the_last_round_shares_every_core():
+    from ladd.demo import thread_plan
+
+    assert thread_plan(5, 2, 2) == [1, 1, 1, 1, 2]  # the demo's 5 seeds on 2 cores
+    assert thread_plan(4, 2, 2) == [1, 1, 1, 1] and thread_plan(3, 3, 16) == [5, 5, 5]
+    assert thread_plan(6, 4, 16) == [4, 4, 4, 4, 8, 8] and thread_plan(3, 2, 1) == [1, 1, 1]
+
+
+PREEMPTED_DEMO = """
+import sys
+from ladd.demo import DemoConfig, run_demo
+run_demo(DemoConfig(out=sys.argv[1], seeds=3, jobs=2, pipeline=sys.argv[2], n_train=8, n_eval=4, steps=100_000,
+                    features="random-conv", subsets=2, subset_size=2, overrides=("validation.num_prompts=2",)))
+"""
+
+
+@pytest.mark.slow
+def test_demo_jobs_pass_a_preemption_signal_to_each_run_and_stop(tmp_path):
+    """SIGTERM to a demo training two runs at once: both checkpoint and stop, the third never starts,
+    the demo exits 0 with one line saying to rerun, and no report is written."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from ladd.train.checkpoint import Checkpointer
+
+    build_tiny_pipeline(seed=1).save_pretrained(tmp_path / "tiny")
+    out = tmp_path / "demo"
+    proc = subprocess.Popen([sys.executable, "-c", PREEMPTED_DEMO, str(out), str(tmp_path / "tiny")],
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    runs = [out / "runs" / f"seed-{seed}" for seed in range(3)]
+    try:
+        deadline = time.monotonic() + 240
+        while not all((run / "metrics.jsonl").is_file() and (run / "metrics.jsonl").read_text().count('"d_loss"') >= 2
+                      for run in runs[:2]):
+            assert proc.poll() is None and time.monotonic() < deadline, "the demo ended before the signal"
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGTERM)
+        output, _ = proc.communicate(timeout=240)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, output[-3000:]
+    assert "preempted: rerun the same `ladd demo` command to resume each run where it stopped" in output
+    for run in runs[:2]:
+        result = json.loads((run / "result.json").read_text())
+        assert result["stopped"] == "stop_preempted" and 2 <= result["step"] < 100_000
+        assert Checkpointer(run / "checkpoints", None).latest().name == f"step-{result['step']:08d}"
+        assert "preempted (SIGTERM)" in (run / "train.log").read_text()
+    assert not runs[2].exists() and not (out / "report.json").exists()
