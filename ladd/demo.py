@@ -246,16 +246,9 @@ def train_runs(todo: list[tuple[Path, str, list[str]]], jobs: int | None = None)
     threads = thread_plan(len(todo), jobs, cores())
     print0(f"training {len(todo)} runs, {jobs} at once with {threads[0]} thread(s) each; "
            f"each run's output is in its folder's train.log")
-    context = multiprocessing.get_context("spawn")
-    stop = context.Event()  # set by a preemption signal: a run not yet started does not start
-    received: list[int] = []
-
-    def forward(signum, frame):
-        stop.set()
-        received.append(signum)
-
-    previous = {sig: signal.signal(sig, forward) for sig in SIGNALS}
-    pool = ProcessPoolExecutor(jobs, mp_context=context, initializer=_worker_init, initargs=(stop,))
+    received: list[int] = []  # preemption signals: passed on to the running runs; no later round starts
+    previous = {sig: signal.signal(sig, lambda signum, frame: received.append(signum)) for sig in SIGNALS}
+    pool = ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"), initializer=_worker_init)
     try:
         with tqdm(total=len(todo), desc=f"train ({jobs} at once)", unit="run") as bar:
             for first in range(0, len(todo), jobs):  # a round: its runs share the cores
@@ -272,7 +265,7 @@ def train_runs(todo: list[tuple[Path, str, list[str]]], jobs: int | None = None)
                             tqdm.write(f"{running[future]}: training stopped early ({stopped})")
                         del running[future]
                         bar.update()
-                if stop.is_set():
+                if received:
                     break
     except BaseException:  # a run failed, or ^C
         pool.shutdown(wait=False, cancel_futures=True)
@@ -281,7 +274,7 @@ def train_runs(todo: list[tuple[Path, str, list[str]]], jobs: int | None = None)
         pool.shutdown()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    if stop.is_set():
+    if received:
         print0("preempted: rerun the same `ladd demo` command to resume each run where it stopped")
         raise SystemExit(0)
 
@@ -293,16 +286,11 @@ def thread_plan(runs: int, jobs: int, cores: int) -> list[int]:
     return [max(cores // jobs, 1)] * (runs - rest) + ([max(cores // rest, 1)] * rest if rest else [])
 
 
-_STOP = None  # in a training worker: the demo's stop event
-
-
-def _worker_init(stop) -> None:
-    """A training worker. Preemption signals reach it through the demo, which sets `stop` and passes
-    them on; between runs they are ignored (a run's trainer handles them itself)."""
+def _worker_init() -> None:
+    """A training worker: preemption signals reach it through the demo, which passes them on; between
+    runs they are ignored (a run's trainer handles them itself)."""
     from ladd.train.preemption import SIGNALS
 
-    global _STOP
-    _STOP = stop
     for sig in SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
 
@@ -313,8 +301,6 @@ def _train_run(config: str, sets: list[str], log: str | None = None, threads: in
     from ladd.config import load_config
     from ladd.train.loop import train
 
-    if _STOP is not None and _STOP.is_set():
-        return "stop_preempted_before_it_started"  # the rerun trains it
     if log is not None:
         Path(log).parent.mkdir(parents=True, exist_ok=True)
         sys.stdout.flush()
