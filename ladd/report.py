@@ -136,7 +136,9 @@ def render_html(r: dict, grid: str, runs: list[Path]) -> str:
 <td>{fmt((r['latent_mse']['ladd'] or {}).get('mean'))}</td></tr>
 </table>
 <p>gap closed (KID): <b>{fmt(r['gap_closed'])}</b> · (untrained − LADD) / standard error:
-<b>{fmt(r['ladd_vs_untrained_se'])}</b></p>"""
+<b>{fmt(r['ladd_vs_untrained_se'])}</b></p>
+<p><small>Every row samples the eval prompts from the same fresh noise (eval seeds {r.get('eval_seeds', '—')}),
+which the references do not use; latent MSE is at the references' own noise.</small></p>"""
     if r.get("buckets"):
         table += bucket_table(r["buckets"], fmt)
     if r.get("ablation"):

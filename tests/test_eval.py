@@ -174,6 +174,24 @@ def test_eval_kid_equals_torchmetrics_on_generated_images(world, tmp_path):
     assert result["rows"][0]["kid"]["mean"] == student["kid"]["mean"]
 
 
+def test_fresh_noise_by_default_shared_with_the_teacher_and_latent_mse_at_the_references_noise(world):
+    """Eval seed 1 (the default) is fresh noise for every row, the teacher's included (the same images as
+    its row at eval seed 0, which moves it to s + 1); the student's latent MSE is made at the references'
+    own noise all the same, equal to its paired seed 0's."""
+    from ladd.eval.commands import EvalConfig, evaluate
+
+    cfg = dict(data=str(world / "eval"), source="run", path=str(world / "run"), ema=True, features="random-conv",
+               teacher=True, **SUBSETS, **CPU)
+    assert EvalConfig(**cfg).seeds == (1,)
+    fresh, paired = evaluate(EvalConfig(**cfg)), evaluate(EvalConfig(**cfg, seeds=(0,)))
+    assert fresh["teacher"]["noise_seed_offset"] == 0 and paired["teacher"]["noise_seed_offset"] == 1
+    assert fresh["teacher"]["fid"]["mean"] == paired["teacher"]["fid"]["mean"]  # the same noise: the same images
+    assert fresh["teacher"]["latent_mse"] is None
+    for a, b in zip(fresh["rows"][:2], paired["rows"][:2]):  # the student, the untrained student
+        assert a["latent_mse"] == pytest.approx(b["latent_mse"], rel=1e-12) and a["latent_mse"] > 0
+        assert a["fid"]["mean"] != b["fid"]["mean"]
+
+
 @pytest.mark.slow
 def test_untrained_baseline_is_computed_once(world, monkeypatch):
     from ladd.eval import samplers

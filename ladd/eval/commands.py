@@ -1,7 +1,7 @@
 """`ladd eval`, `ladd generate`, `ladd export`.
 
     ladd precompute --pipeline toy --prompts eval-prompts.txt --out runs/eval --decode-first 1000
-    ladd eval --data runs/eval --run runs/toy --ema --seeds 0 1 2 --out runs/toy/eval.json
+    ladd eval --data runs/eval --run runs/toy --ema --seeds 1 2 3 --out runs/toy/eval.json
     ladd eval --data runs/eval --untrained --teacher            # the baseline and the noise floor only
     ladd eval --data runs/eval --exported runs/toy-4step --features random-conv --subset-size 8
     ladd generate --run runs/toy --prompt "a red circle on a white background" --seeds 0 1 2 --out gen --grid
@@ -41,7 +41,10 @@ class EvalConfig:
     features: str = "inception"
     subsets: int = 50
     subset_size: int = 100
-    seeds: tuple[int, ...] = (0,)  # eval seeds: 0 = the references' own noise (paired), s > 0 fresh noise
+    # Eval seeds: s >= 1 fresh noise (reference seed + s·1e6), as a user's own seeds; the teacher row shares
+    # it. 0 = the references' own noise (paired): it credits a student for reproducing the teacher's image
+    # of each noise, which the reseeded teacher row cannot, so its KID is not comparable with that row.
+    seeds: tuple[int, ...] = (1,)
     fid: bool = True
     limit: int | None = None  # evaluate the first N prompts only
     batch_size: int = 8
@@ -90,6 +93,9 @@ def score(sampler, refs, real, extractor, cfg: EvalConfig, seed_offset: int = 0,
     t0, per_seed = time.perf_counter(), []
     per_bucket: dict[str, list[dict]] = {g.bucket.name: [] for g in refs.groups}
     several = len(refs.groups) > 1
+    # Latent MSE needs the references' own noise; without eval seed 0 among them, a few-step sampler's
+    # first seed also makes its latents there (no images), the teacher's none (it would reproduce them).
+    paired_pass = sampler.kind != "teacher" and all(s + seed_offset != 0 for s in cfg.seeds)
     for s in cfg.seeds:
         offset = s + seed_offset
         fakes, parts = [], []
@@ -100,8 +106,11 @@ def score(sampler, refs, real, extractor, cfg: EvalConfig, seed_offset: int = 0,
             images = sampler.images(latents, cfg.batch_size)
             fake = extract_features(extractor, images, cfg.batch_size)
             fakes.append(fake)
+            paired = latents if offset == 0 else None
+            if paired_pass and s == cfg.seeds[0]:
+                paired = sampler.latents(prompts, [refs.seeds[i] for i in g.indices], g.bucket.size, cfg.batch_size)
             part = {"seed": s, "n": len(prompts),
-                    "latent_mse": latent_mse(latents, g.latents) if offset == 0 else None,  # paired only
+                    "latent_mse": latent_mse(paired, g.latents) if paired is not None else None,
                     "caption_accuracy": captions(images, prompts) if captions else None}
             if several and len(prompts) >= 2:
                 part["kid"] = kid_score(real_g, fake, cfg.subsets, cfg.subset_size, seed=s)
@@ -246,9 +255,11 @@ def evaluate(cfg: EvalConfig) -> dict:
     if cfg.teacher:
         s = manifest["sampling"]
         teacher = samplers.teacher_sampler(pipe, s["steps"], s["guidance"], s["negative_prompt"], compile=cfg.compile)
-        # Fresh noise (offset 1): at the references' own seeds the teacher would reproduce them, KID 0.
-        rows.append(_cached_row(cache / f"teacher-{_key('teacher', *common, s['steps'], s['guidance'])}.json",
-                                lambda: score(teacher, refs, real, extractor, cfg, seed_offset=1, captions=captions)))
+        # Fresh noise: at the references' own seeds the teacher would reproduce them, KID 0. With eval
+        # seeds >= 1 it shares the other rows' noise (the rows then differ by the model alone), else s + 1.
+        offset = 1 if 0 in cfg.seeds else 0
+        rows.append(_cached_row(cache / f"teacher-{_key('teacher', *common, s['steps'], s['guidance'], offset)}.json",
+                                lambda: score(teacher, refs, real, extractor, cfg, seed_offset=offset, captions=captions)))
     result = {
         "data": str(cfg.data), "num_images": len(refs.prompts), "features": extractor.name,
         "config": asdict(cfg), "reference": {"caption_accuracy": _reference_captions(refs, captions)},
@@ -373,7 +384,7 @@ def add_parser(sub) -> None:
     p.add_argument("--subset-size", type=int, default=d["subset_size"],
                    help="images per KID subset (default %(default)s)")
     p.add_argument("--seeds", type=int, nargs="+", default=list(d["seeds"]),
-                   help="eval seeds (0 = the references' noise; default %(default)s)")
+                   help="eval seeds (>= 1 fresh noise; 0 = the references' own noise, paired; default %(default)s)")
     p.add_argument("--features", default=d["features"],
                    help="inception | random-conv | torchmetrics-inception (default %(default)s)")
     p.add_argument("--no-fid", action="store_false", dest="fid", default=d["fid"], help="skip FID")
