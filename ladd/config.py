@@ -151,6 +151,8 @@ class MethodConfig(Section):
     """with λ > 0: "endpoint" x0 from (1 − t)·x0 + t·ε; "trajectory": each step of the teacher's own path (data from precompute --trajectory)"""
     last_step_rollout: int = 0
     """K > 0, with paired_target "trajectory": the last step starts from the student's own state (its earlier steps from the pair's noise, no grad) and aims at the guided teacher's K Euler steps from there (σ uniform to 0, score_guidance); 0: the teacher's state, aiming at x0"""
+    rollout_steps: int = 1
+    """with last_step_rollout K: how many of the last student steps start from the student's own state (1 = the last only); each earlier one aims where the guided teacher's K Euler steps take that state to the next timestep"""
     last_step_chain: int = 0
     """with last_step_rollout: how many of the student's own steps make the last step's input; 0 = all (from the pair's noise), k = the last k, from the teacher's state k timesteps before the last (fewer student passes)"""
     adversarial_timesteps: TrainedTimesteps = "all"
@@ -182,6 +184,11 @@ class MethodConfig(Section):
         negative prompt is then needed."""
         return self.score_weight > 0 or self.last_step_rollout > 0
 
+    @property
+    def rollout_timesteps(self) -> tuple[float, ...]:
+        """The student timesteps whose rows start from the student's own state (method.last_step_rollout)."""
+        return self.student_timesteps[-self.rollout_steps:] if self.last_step_rollout else ()
+
     def check(self):
         self.student_timesteps = tuple(float(t) for t in self.student_timesteps)
         self.student_timestep_probs = tuple(float(p) for p in self.student_timestep_probs)
@@ -205,6 +212,13 @@ class MethodConfig(Section):
         except ValueError as e:
             raise ConfigError(f"method: {e}") from None
         self.at_least(0, "last_step_rollout", "last_step_chain")
+        self.at_least(1, "rollout_steps")
+        if self.last_step_rollout and self.rollout_steps >= len(self.student_timesteps):
+            raise ConfigError(f"method.rollout_steps {self.rollout_steps} must be below {len(self.student_timesteps)} "
+                              "(the student's steps after the first, whose input is the pair's noise either way)")
+        if self.rollout_steps > 1 and self.last_step_chain:
+            raise ConfigError("method.last_step_chain > 0 shortens the last step's chain only; with rollout_steps "
+                              f"{self.rollout_steps} set last_step_chain = 0, or rollout_steps = 1")
         if self.last_step_chain and not self.last_step_rollout:
             raise ConfigError("method.last_step_chain > 0 shortens the chain of method.last_step_rollout, which is 0; "
                               "set last_step_rollout > 0, or last_step_chain = 0")

@@ -356,6 +356,7 @@ def summarize(rows: list[dict], cfg: DemoConfig, timings: dict, steps: int) -> d
                        if any(m.get("latent_mse") is not None for m in model) else None},
         "gap_closed": gap,
         "ladd_vs_untrained_se": significance,
+        "eval_seeds": list(model[0].get("seeds", [])),  # fresh noise, shared by every row (docs/evaluation.md)
         "train_steps": steps,
         **({"buckets": per_bucket(rows)} if "buckets" in model[0] else {}),
         "config": {**asdict(cfg)},
@@ -442,8 +443,9 @@ def method_line(m: dict) -> str:
     if m.get("student_inputs") == "simulate":
         line += "; student inputs from its own earlier steps"
     if m.get("last_step_rollout", 0) > 0:
-        line += (f"; the last step from the student's own state, towards the guided teacher's "
-                 f"{m['last_step_rollout']} steps from there")
+        n = m.get("rollout_steps", 1)
+        line += (f"; the last {'step' if n == 1 else f'{n} steps'} from the student's own state, towards the "
+                 f"guided teacher's {m['last_step_rollout']} steps from there")
     last = [name for name, key in (("adversarial", "adversarial_timesteps"), ("score", "score_timesteps"))
             if m.get(key) == "last" and (name == "adversarial" or m.get("score_weight", 0) > 0)]
     if last:

@@ -176,6 +176,7 @@ def test_method_line_names_the_last_step_rollout():
              last_step_rollout=2)
     assert "the last step from the student's own state, towards the guided teacher's 2 steps" in method_line(m)
     assert "own state" not in method_line({**m, "last_step_rollout": 0})
+    assert "the last 2 steps from the student's own state" in method_line({**m, "rollout_steps": 2})
 
 
 @pytest.mark.slow

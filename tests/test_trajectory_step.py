@@ -189,6 +189,45 @@ def test_last_step_rollout_starts_from_the_students_own_state_and_aims_where_the
                      student_timesteps=TS, student_timestep_probs=(0.25,) * 4)
 
 
+def test_rollout_steps_start_the_earlier_steps_from_the_students_own_state_towards_the_teachers_next_one(setup):
+    """method.rollout_steps 2: the rows at the step before the last also start from the student's own
+    state there (its Euler steps from the pair's noise) and aim at the x0 whose Euler step from it
+    lands where the guided teacher's K Euler steps take it to the next timestep (σ uniform from 0.75
+    to 0.5); the last step's rows as with rollout_steps 1. The student's gradient, by hand."""
+    models, batch, opt_g, opt_d = setup
+    data, pair_eps, states, neg = trajectory_data(batch)
+    cfg = MethodConfig(distill_weight=2.0, adversarial_weight=0.0, paired_target="trajectory", last_step_rollout=2,
+                       rollout_steps=2, score_guidance=4.0, student_timesteps=TS,
+                       student_timestep_probs=(0, 0, 0.5, 0.5), grad_clip_g=0)
+    assert cfg.rollout_timesteps == (0.75, 0.5)
+    seed = seed_drawing(data, cfg, [0.5, 0.75])
+    t = draw_noise(data, 0, cfg, torch.Generator().manual_seed(seed))[0]
+    ref, te = copy.deepcopy(models.student), models.teacher
+    x_t, target = torch.empty_like(batch.x0), torch.empty_like(batch.x0)
+    for i in range(2):
+        caps = [batch.cap_feats[i]]
+        k = [round(v, 4) for v in TS].index(round(t[i].item(), 4))
+        x = pair_eps[i : i + 1]
+        with torch.no_grad():
+            for now, nxt in zip(TS[:k], TS[1 : k + 1]):  # the student's own steps from the pair's noise
+                x = x + (nxt - now) * ref(x, torch.full((1,), now), caps).velocity
+            end = TS[k + 1] if k + 1 < len(TS) else 0.0
+            y, mid = x, (TS[k] + end) / 2
+            for now, nxt in ((TS[k], mid), (mid, end)):  # the teacher, CFG 4, 2 steps
+                s_ = torch.full((1,), now)
+                v_c, v_u = te(y, s_, caps).velocity, te(y, s_, [neg]).velocity
+                y = y + (nxt - now) * (v_c + 4.0 * (v_c - v_u))
+        x_t[i] = x[0]
+        target[i] = y[0] if end == 0 else x[0] - TS[k] * (x[0] - y[0]) / (TS[k] - end)
+    assert_paired_gradient(models, opt_g, data, cfg, seed, ref, x_t, t, target, rel=1e-4)
+    with pytest.raises(ConfigError, match="rollout_steps 4 must be below 4"):
+        MethodConfig(distill_weight=1.0, paired_target="trajectory", last_step_rollout=2, rollout_steps=4,
+                     student_timesteps=TS, student_timestep_probs=(0.25,) * 4)
+    with pytest.raises(ConfigError, match="last_step_chain > 0 shortens the last step's chain only"):
+        MethodConfig(distill_weight=1.0, paired_target="trajectory", last_step_rollout=2, rollout_steps=2,
+                     last_step_chain=1, student_timesteps=TS, student_timestep_probs=(0.25,) * 4)
+
+
 def test_terms_on_the_last_step_with_no_row_there_still_call_the_teacher_and_train_nothing(setup):
     """adversarial_timesteps / score_timesteps "last" on a micro-batch with no row at the last timestep:
     the teacher's graph call and its guided call still run (on row 0: every rank makes the same calls,

@@ -29,7 +29,8 @@
     method.adversarial_timesteps / score_timesteps "last": that term trains only the rows at the last
     timestep, and the teacher's passes it needs run on those rows only. method.last_step_rollout K: the
     last step starts from the student's own state (its earlier steps, no grad) instead of the teacher's,
-    and aims at where the guided teacher's K Euler steps take that state; with student_inputs
+    and aims at where the guided teacher's K Euler steps take that state (with method.rollout_steps n,
+    the last n steps do, each towards the teacher's next timestep); with student_inputs
     "simulate", every step starts from the student's own state and aims back at the teacher's next one.
 
     ON-POLICY INPUTS (method.adversarial_inputs "simulate", with the paired term): the samples at t < 1
@@ -68,7 +69,7 @@ from ladd.distributed import set_gradient_sync
 from ladd.flow import interpolate, logit_normal, x0_from_velocity
 from ladd.models.discriminator import Discriminator
 from ladd.models.zimage import ZImageAdapter
-from ladd.sampling import euler_sample, guided_velocity
+from ladd.sampling import guided_velocity
 
 
 @dataclass
@@ -204,7 +205,7 @@ def student_x0(student: ZImageAdapter, batch: Batch, t: Tensor, eps: Tensor, cfg
     elif cfg.paired_target == "trajectory":
         x_t = trajectory_window(batch, t, eps, cfg.student_timesteps)[0]
         if cfg.last_step_rollout:
-            x_t = own_last_state(student, batch, t, eps, x_t, cfg)
+            x_t = own_states(student, batch, t, eps, x_t, cfg)
     else:
         x_t = interpolate(batch.x0, eps, t)
     v = student(x_t, t, batch.cap_feats).velocity
@@ -237,41 +238,57 @@ def trajectory_window(batch: Batch, t: Tensor, eps: Tensor, timesteps: Sequence[
     return x_t, target
 
 
-def own_last_state(student: ZImageAdapter, batch: Batch, t: Tensor, eps: Tensor, x_t: Tensor,
-                   cfg: MethodConfig) -> Tensor:
-    """x_t with the rows at the last timestep replaced by the student's own state there: its earlier
-    Euler steps from ε (no grad; method.last_step_rollout), or with method.last_step_chain k its last k
-    steps from the teacher's state k timesteps earlier. The chain runs on those rows only (row 0 if
-    none, left as it was: every rank makes the same calls)."""
-    rows, _ = term_rows(t, "last", cfg)
+def own_states(student: ZImageAdapter, batch: Batch, t: Tensor, eps: Tensor, x_t: Tensor,
+               cfg: MethodConfig) -> Tensor:
+    """x_t with the rows at the rollout's timesteps (the last `method.rollout_steps`) replaced by the
+    student's own state there: its earlier Euler steps from ε (no grad; method.last_step_rollout), or
+    with method.last_step_chain k its last k steps from the teacher's state k timesteps earlier. The
+    chain runs on those rows only (row 0 if none, left as it was: every rank makes the same calls)."""
+    rows, keep = rollout_rows(t, cfg)
     caps = [batch.cap_feats[i] for i in rows.tolist()]
     k = cfg.last_step_chain
     start = eps[rows] if k == 0 else batch.states[rows, -1 - k].to(eps.dtype)  # states[:, j]: the teacher's at timesteps[j + 1]
     timesteps = cfg.student_timesteps[-1 - k:] if k else cfg.student_timesteps
-    return on_last_rows(x_t, rows, simulated_input(student, caps, t[rows], start, timesteps), t, cfg)
+    return on_rows(x_t, rows, simulated_input(student, caps, t[rows], start, timesteps), keep)
 
 
 @torch.no_grad()
 def rollout_target(teacher: ZImageAdapter, batch: Batch, t: Tensor, x_t: Tensor, target: Tensor,
                    cfg: MethodConfig) -> Tensor:
-    """`target` with the rows at the last timestep replaced by the guided teacher's `last_step_rollout`
-    Euler steps from their input x_t to 0 (σ uniform from the last timestep): where the teacher takes
-    the student's own state. On row 0 if none is at the last timestep, left as it was."""
+    """`target` with the rows at the rollout's timesteps replaced: the guided teacher's `last_step_rollout`
+    Euler steps take each row's input x_t from its t_k to t_{k+1} (σ uniform; 0 after the last step) to
+    y, and the target is the x0 whose Euler step from x_t lands on y (y itself at the last step). On
+    row 0 if no row is at those timesteps, left as it was."""
     if batch.neg_cap is None:
         raise ValueError("method.last_step_rollout > 0 needs the negative prompt's caption features (Batch.neg_cap)")
-    rows, _ = term_rows(t, "last", cfg)
-    caps = [batch.cap_feats[i] for i in rows.tolist()]
-    sigmas = torch.linspace(cfg.student_timesteps[-1], 0.0, cfg.last_step_rollout + 1)
-    x0 = euler_sample(teacher, x_t[rows], sigmas, caps, [batch.neg_cap] * len(caps), cfg.score_guidance)
-    return on_last_rows(target, rows, x0, t, cfg)
+    rows, keep = rollout_rows(t, cfg)
+    caps, negs = [batch.cap_feats[i] for i in rows.tolist()], [batch.neg_cap] * len(rows)
+    ts, K = cfg.student_timesteps, cfg.last_step_rollout
+    sigmas = t.new_zeros(len(rows), K + 1)  # each row's σ from its timestep to the next
+    for k, now in enumerate(ts):
+        sigmas[at_timestep(t[rows], now)] = torch.linspace(now, ts[k + 1] if k + 1 < len(ts) else 0.0, K + 1).to(t)
+    start = x_t[rows].float()
+    y = start
+    for i in range(K):
+        v = guided_velocity(teacher, y, sigmas[:, i], caps, negs, cfg.score_guidance)
+        y = y + (sigmas[:, i + 1] - sigmas[:, i]).view(-1, 1, 1, 1) * v.float()
+    now, nxt = sigmas[:, 0].view(-1, 1, 1, 1), sigmas[:, -1].view(-1, 1, 1, 1)
+    x0 = torch.where(nxt > 0, start - now * (start - y) / (now - nxt), y)
+    return on_rows(target, rows, x0, keep)
 
 
-def on_last_rows(x: Tensor, rows: Tensor, new: Tensor, t: Tensor, cfg: MethodConfig) -> Tensor:
-    """x with x[rows] set to `new` where the row is at the last timestep (`term_rows`' stand-in row 0
-    keeps its value)."""
+def rollout_rows(t: Tensor, cfg: MethodConfig) -> tuple[Tensor, Tensor]:
+    """(rows, keep): the indices of the rows at the rollout's timesteps (row 0 if none: every rank makes
+    the same calls, as FSDP's collectives need) and, for each of them, whether it really is one."""
+    on = torch.stack([at_timestep(t, now) for now in cfg.rollout_timesteps]).any(0)
+    rows = on.nonzero().flatten() if bool(on.any()) else torch.zeros(1, dtype=torch.long, device=t.device)
+    return rows, on[rows]
+
+
+def on_rows(x: Tensor, rows: Tensor, new: Tensor, keep: Tensor) -> Tensor:
+    """x with x[rows] set to `new` where `keep` (a stand-in row keeps its value)."""
     out = x.clone()
-    keep = at_last(t, cfg)[rows].view(-1, *[1] * (x.ndim - 1))
-    out[rows] = torch.where(keep, new.to(x.dtype), x[rows])
+    out[rows] = torch.where(keep.view(-1, *[1] * (x.ndim - 1)), new.to(x.dtype), x[rows])
     return out
 
 
