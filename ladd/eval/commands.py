@@ -257,6 +257,7 @@ def evaluate(cfg: EvalConfig) -> dict:
         teacher = samplers.teacher_sampler(pipe, s["steps"], s["guidance"], s["negative_prompt"], compile=cfg.compile)
         # Fresh noise: at the references' own seeds the teacher would reproduce them, KID 0. With eval
         # seeds >= 1 it shares the other rows' noise (the rows then differ by the model alone), else s + 1.
+        # The offset follows from the seeds, but is in the cache key: rows cached before 37a918a had s + 1.
         offset = 1 if 0 in cfg.seeds else 0
         rows.append(_cached_row(cache / f"teacher-{_key('teacher', *common, s['steps'], s['guidance'], offset)}.json",
                                 lambda: score(teacher, refs, real, extractor, cfg, seed_offset=offset, captions=captions)))
