@@ -79,7 +79,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     try:
         cfg = DemoConfig(out=args.out, seeds=args.seeds, quick=args.quick, pipeline=args.pipeline,
                          n_train=args.n_train, n_eval=args.n_eval, buckets=args.buckets, ablation=args.ablation,
-                         curve_seeds=args.curve_seeds, jobs=args.jobs)
+                         curve_seeds=args.curve_seeds, jobs=args.jobs, eval_seeds=args.eval_seeds)
     except ValueError as e:  # counts below 1, a --buckets spec that is no set of sizes
         print(f"ladd demo: {e}", file=sys.stderr)
         return 2
@@ -156,6 +156,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--jobs", type=int, default=None,
                       help="training runs at once, each in its own process with an equal share of the cores "
                            "(default: one per core; 1: in this process)")
+    demo.add_argument("--eval-seeds", type=int, nargs="+", default=(1,), metavar="S",
+                      help="fresh-noise eval seeds every row is scored at (default 1; each one costs a whole "
+                           "evaluation; with two or more report.json also gives the gap closed at each)")
     demo.add_argument("--smoke", action="store_true", help="only the seconds-long foundation smoke run")
     demo.add_argument("--seed", type=int, default=0, help="seed of the smoke run")
     demo.set_defaults(func=cmd_demo)

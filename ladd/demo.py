@@ -48,6 +48,10 @@ class DemoConfig:
     # eval seed s from i + s·1e6): a student distilled from the teacher's own (noise, latent) pairs
     # (method.distill_weight) never meets a training noise at eval.
     train_seed: int = 500_000
+    # Eval seeds every row is scored at (fresh noise, shared by every row; 0, the references' own noise,
+    # is refused: it credits a distilled student with reproducing them). Each costs a whole evaluation;
+    # with two or more, report.json also holds the gap closed at each (how much the eval noise moves it).
+    eval_seeds: tuple[int, ...] = (1,)
     features: str = "inception"
     subsets: int = 20
     subset_size: int = 100
@@ -78,6 +82,10 @@ class DemoConfig:
             raise ValueError(f"--curve-seeds must be >= 0, got {self.curve_seeds}")
         if self.jobs is not None and self.jobs < 1:
             raise ValueError(f"--jobs must be >= 1, got {self.jobs}")
+        self.eval_seeds = tuple(int(s) for s in self.eval_seeds)
+        if not self.eval_seeds or min(self.eval_seeds) < 1 or len(set(self.eval_seeds)) < len(self.eval_seeds):
+            raise ValueError(f"--eval-seeds must be distinct seeds >= 1 (0 is the references' own noise), got "
+                             f"{list(self.eval_seeds)}")
         self.out = self.out or ("runs/demo-quick" if self.quick else "runs/demo") + ("-buckets" if self.buckets else "")
 
 
@@ -172,11 +180,12 @@ def run_demo(cfg: DemoConfig) -> dict:
     reused.update({"train", "evaluate"} - timings.keys())
 
     def evaluated(cached: Path, source: str, path: Path, teacher: bool = False) -> dict:
-        if not cached.is_file():
+        # A row scored at other eval seeds (an earlier --eval-seeds) is scored again, not reused.
+        if not cached.is_file() or json.loads(cached.read_text())["config"]["seeds"] != list(cfg.eval_seeds):
             reused.discard("evaluate")
             r = evaluate(EvalConfig(data=str(out / "data" / "eval"), source=source, path=str(path), teacher=teacher,
                                     ema=ema, features=cfg.features, subsets=cfg.subsets, subset_size=cfg.subset_size,
-                                    pipeline=cfg.pipeline, batch_size=cfg.eval_batch))
+                                    pipeline=cfg.pipeline, batch_size=cfg.eval_batch, seeds=cfg.eval_seeds))
             cached.write_text(json.dumps(r, indent=1))
         return json.loads(cached.read_text())
 
@@ -357,6 +366,8 @@ def summarize(rows: list[dict], cfg: DemoConfig, timings: dict, steps: int) -> d
         "gap_closed": gap,
         "ladd_vs_untrained_se": significance,
         "eval_seeds": list(model[0].get("seeds", [])),  # fresh noise, shared by every row (docs/evaluation.md)
+        **({"gap_closed_per_eval_seed": gap_per_eval_seed(untrained, teacher, model)}
+           if len(model[0].get("seeds", [])) > 1 and teacher else {}),
         "train_steps": steps,
         **({"buckets": per_bucket(rows)} if "buckets" in model[0] else {}),
         "config": {**asdict(cfg)},
@@ -365,6 +376,14 @@ def summarize(rows: list[dict], cfg: DemoConfig, timings: dict, steps: int) -> d
                     "python": platform.python_version()},
     }
     return report
+
+
+def gap_per_eval_seed(untrained: dict, teacher: dict, model: list[dict]) -> list[float]:
+    """The gap closed at each eval seed alone: the untrained, teacher and every student row at that
+    seed's noise (each row's kid.per_seed), the students' mean against the other two."""
+    per = [m["kid"]["per_seed"] for m in model]
+    return [gap_and_significance(untrained["kid"]["per_seed"][i], teacher["kid"]["per_seed"][i],
+                                 _mean_std([p[i] for p in per]))[0] for i in range(len(per[0]))]
 
 
 # `ladd demo --ablation`: name -> (run folder, its config (None: the demo's), what it changes in it).

@@ -124,6 +124,8 @@ def render_html(r: dict, grid: str, runs: list[Path]) -> str:
 
     k, a = r["kid"], r["caption_accuracy"]
     ladd_acc = a["ladd"] or {}
+    gaps = r.get("gap_closed_per_eval_seed")
+    per_eval_seed = f" · gap closed at each eval seed: {', '.join(fmt(g) for g in gaps)}" if gaps else ""
     table = f"""
 <table>
 <tr><th></th><th>KID ↓ (mean ± std over seeds)</th><th>caption accuracy ↑</th><th>latent MSE to teacher ↓</th></tr>
@@ -136,7 +138,7 @@ def render_html(r: dict, grid: str, runs: list[Path]) -> str:
 <td>{fmt((r['latent_mse']['ladd'] or {}).get('mean'))}</td></tr>
 </table>
 <p>gap closed (KID): <b>{fmt(r['gap_closed'])}</b> · (untrained − LADD) / standard error:
-<b>{fmt(r['ladd_vs_untrained_se'])}</b></p>
+<b>{fmt(r['ladd_vs_untrained_se'])}</b>{per_eval_seed}</p>
 <p><small>Every row samples the eval prompts from the same fresh noise (eval seeds {r.get('eval_seeds', '—')}),
 which the references do not use; latent MSE is at the references' own noise.</small></p>"""
     if r.get("buckets"):

@@ -56,6 +56,18 @@ def test_demo_runs_caches_and_reports(tmp_path):
     assert again["seconds_reused"] == ["evaluate", "precompute", "train"]
     assert all(again["seconds"][k] == report["seconds"][k] for k in again["seconds_reused"])
     assert "reused: an earlier run did this stage" in (tmp_path / "demo" / "report.html").read_text()
+    # Other eval seeds: every row scored again there (nothing reused), training reused. Eval seed 1 is
+    # the first run's noise and KID subsets, so its part of each row, and its gap closed, are the first run's.
+    two = run_demo(DemoConfig(**{**cfg.__dict__, "eval_seeds": (1, 2)}))
+    assert two["eval_seeds"] == [1, 2] and "evaluate" not in two["seconds_reused"] and "train" in two["seconds_reused"]
+    rows = [json.loads((tmp_path / "demo" / "runs" / s / "eval.json").read_text()) for s in ("seed-0", "seed-1")]
+    for first, row in zip(report["over_steps"].values(), rows):
+        per_seed = row["rows"][0]["kid"]["per_seed"]
+        assert row["config"]["seeds"] == [1, 2] and per_seed[0] == first[-1]["kid"]
+        assert row["rows"][0]["kid"]["mean"] == pytest.approx(sum(per_seed) / 2)
+    assert two["gap_closed_per_eval_seed"][0] == pytest.approx(report["gap_closed"])
+    assert len(two["gap_closed_per_eval_seed"]) == 2 and "gap_closed_per_eval_seed" not in report
+    assert "gap closed at each eval seed" in (tmp_path / "demo" / "report.html").read_text()
 
 
 @pytest.mark.slow
@@ -146,7 +158,8 @@ def test_demo_eval_set_holds_a_kid_subset_per_bucket_and_bad_input_is_one_line(c
     assert DemoConfig().n_eval == 192 and DemoConfig(quick=True, buckets="toy").n_eval == 128
     assert DemoConfig(buckets="toy").n_eval == 384 and DemoConfig(buckets="64x64").n_eval == 192
     assert DemoConfig(buckets="toy", n_eval=96).n_eval == 96  # given: kept
-    for bad in (["--buckets", "64x64,wide"], ["--seeds", "0"], ["--jobs", "0"]):
+    for bad in (["--buckets", "64x64,wide"], ["--seeds", "0"], ["--jobs", "0"], ["--eval-seeds", "0", "1"],
+                ["--eval-seeds", "2", "2"]):
         rc, _, err = run_cli(capsys, "demo", "--out", tmp_path / "demo", *bad)
         assert rc == 2 and len(error_lines(err)) == 1, err
     assert not (tmp_path / "demo").exists()
