@@ -180,14 +180,16 @@ def run_demo(cfg: DemoConfig) -> dict:
     reused.update({"train", "evaluate"} - timings.keys())
 
     def evaluated(cached: Path, source: str, path: Path, teacher: bool = False) -> dict:
-        # A row scored at other eval seeds (an earlier --eval-seeds) is scored again, not reused.
-        if not cached.is_file() or json.loads(cached.read_text())["config"]["seeds"] != list(cfg.eval_seeds):
+        ecfg = EvalConfig(data=str(out / "data" / "eval"), source=source, path=str(path), teacher=teacher, ema=ema,
+                          features=cfg.features, subsets=cfg.subsets, subset_size=cfg.subset_size,
+                          pipeline=cfg.pipeline, batch_size=cfg.eval_batch, seeds=cfg.eval_seeds)
+        # A row scored with another eval config (an earlier --eval-seeds) is scored again, not reused.
+        r = json.loads(cached.read_text()) if cached.is_file() else None
+        if r is None or r["config"] != json.loads(json.dumps(asdict(ecfg))):
             reused.discard("evaluate")
-            r = evaluate(EvalConfig(data=str(out / "data" / "eval"), source=source, path=str(path), teacher=teacher,
-                                    ema=ema, features=cfg.features, subsets=cfg.subsets, subset_size=cfg.subset_size,
-                                    pipeline=cfg.pipeline, batch_size=cfg.eval_batch, seeds=cfg.eval_seeds))
+            r = json.loads(json.dumps(evaluate(ecfg)))  # as read back from the cache: lists, not tuples
             cached.write_text(json.dumps(r, indent=1))
-        return json.loads(cached.read_text())
+        return r
 
     rows, over_steps = [], {}
     with _stage(timings, "evaluate"):
