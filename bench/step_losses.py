@@ -89,7 +89,7 @@ def main() -> None:
     caps = np.full((len(labels), len(args.seeds)), np.nan)
     for j, s in enumerate(args.seeds):
         fakes: list[list[torch.Tensor]] = [[] for _ in labels]
-        images: list[list[np.ndarray]] = [[] for _ in labels]
+        images: list[list[tuple[np.ndarray, list[str]]]] = [[] for _ in labels]
         for g in refs.groups:
             prompts = [refs.prompts[i] for i in g.indices]
             seeds = [refs.seeds[i] + s * SEED_STRIDE for i in g.indices]
