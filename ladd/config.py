@@ -169,6 +169,8 @@ class MethodConfig(Section):
     """the teacher's CFG scale for x̂0_T, with the data's negative prompt (Z-Image and the toy teacher: 5)"""
     score_timesteps: TrainedTimesteps = "all"
     """the rows the score term trains: "all", or "last" (those at the last student timestep; the others detached)"""
+    detail_weight: float = 0.0
+    """w > 0, with the paired term: + w·mean over the last step's rows of Σ_b (log E_b(x̂0) − log E_b(x0))², E_b the power in radial frequency bands (ladd/detail.py): the last step's detail energy pulled to the teacher's sample of the same noise, phase-free"""
     adversarial_weight: float = 1.0
     """scale of the student's adversarial loss; 0 with distill_weight > 0 is distillation alone (an ablation)"""
     grad_clip_g: float = 1.0
@@ -199,11 +201,14 @@ class MethodConfig(Section):
                               f">= 0 per student timestep ({len(self.student_timesteps)}), or [] for all 1")
         self.at_least(1, "gen_update_interval")
         self.at_least(0, "disc_warmup_steps", "curriculum_warmup_steps", "r1_weight", "distill_weight",
-                      "mismatch_weight", "score_weight", "score_guidance", "adversarial_weight", "grad_clip_g",
-                      "grad_clip_d")
+                      "mismatch_weight", "score_weight", "score_guidance", "detail_weight", "adversarial_weight",
+                      "grad_clip_g", "grad_clip_d")
         if self.adversarial_weight == 0 and self.distill_weight == 0 and self.score_weight == 0:
             raise ConfigError("method.adversarial_weight, distill_weight and score_weight are all 0: the student has "
                               "no loss; set one of them above 0")
+        if self.detail_weight > 0 and self.distill_weight == 0:
+            raise ConfigError("method.detail_weight > 0 compares the student's x̂0 with its pair's teacher latent, "
+                              "which needs the paired term: set distill_weight > 0, or detail_weight = 0")
         for name in ("renoise_s", "score_renoise_s"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"method.{name} must be > 0, got {getattr(self, name)}")

@@ -47,6 +47,10 @@
     CFG denoising of x̂0 re-noised to t_s (fresh noise): a prompt-following pull on any sample the
     student makes, where the paired term knows only its pairs.
 
+    DETAIL ENERGY (method.detail_weight w > 0, with the paired term): + w·mean over the last step's rows
+    of Σ_b (log E_b(x̂0) − log E_b(x0))², E_b the power of radial frequency band b (ladd/detail.py): the
+    last step, which blurs what it cannot place, is asked for the teacher's amount of detail, phase-free.
+
 `generator_step` and `discriminator_step` each own their optimizer, zero_grad, clipping and
 requires_grad handling; `ladd_step` composes them. A list of micro-batches is one optimizer step
 (gradient accumulation: each micro-batch's loss is scaled by 1/n and back-propagated at once, so only
@@ -65,6 +69,7 @@ from torch import Tensor, nn
 
 from ladd import losses
 from ladd.config import MethodConfig
+from ladd.detail import detail_loss
 from ladd.distributed import set_gradient_sync
 from ladd.flow import interpolate, logit_normal, x0_from_velocity
 from ladd.models.discriminator import Discriminator
@@ -435,7 +440,7 @@ def generator_step(
     opt_g.zero_grad(set_to_none=True)
     n = len(micro_batches)
     out: list[DiscInputs] = []
-    t_total, distill_total, score_total = 0.0, 0.0, 0.0
+    t_total, distill_total, score_total, detail_total = 0.0, 0.0, 0.0, 0.0
     for i, batch in enumerate(micro_batches):
         set_gradient_sync(student, i == n - 1)  # reduce gradients once, after the last micro-batch
         t, eps, t_hat, eps1, eps2, pair = draw_noise(batch, step, cfg, rng)
@@ -470,6 +475,10 @@ def generator_step(
                            * (x0_pair - target).square()).mean()
                 loss = loss + cfg.distill_weight * distill
                 distill_total += distill.item() / n
+                if cfg.detail_weight > 0:  # the last step's rows; normalised over the whole batch
+                    detail = (detail_loss(x0_pair, batch.x0) * at_last(t, cfg)).mean()
+                    loss = loss + cfg.detail_weight * detail
+                    detail_total += detail.item() / n
             (loss / n).backward()
         t_total += t.mean().item() / n
         out.append(DiscInputs(real_feats, {k: f.detach() for k, f in fake_feats.items()}, t_hat, batch.text_cond))
@@ -480,6 +489,8 @@ def generator_step(
         metrics["distill_loss"] = distill_total
     if cfg.score_weight > 0:
         metrics["score_loss"] = score_total
+    if cfg.detail_weight > 0:
+        metrics["detail_loss"] = detail_total
     return metrics, out
 
 
