@@ -9,9 +9,9 @@ detail energy towards a reference's (method.detail_weight).
 The bands are the upper three of four: [0.25, 0.5), [0.5, 0.75), [0.75, 1.01), structures of 2 to 8
 latent pixels (8 to 32 image pixels through the toy VAE's 4×, 16 to 64 through Z-Image's 8×), up to
 Nyquist on the axes (the last edge admits the bins just past it, r = √65/8 on a 16-pixel side); the
-corners beyond are left out. The term is phase-free: it asks for as much detail as the reference has in each band,
-not for the reference's detail in its places, which a regression towards the teacher's path already
-asks for and a one-step student blurs into their mean.
+corners beyond are left out. The term is phase-free: it asks for as much detail as the reference has
+in each band, not for the reference's detail in its places, which a regression towards the teacher's
+path already asks for and a one-step student blurs into their mean.
 """
 
 from __future__ import annotations
